@@ -1,0 +1,45 @@
+# codetr: `make run` (the main job) and `make test` (the whole suite) each create .venv when it is missing.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.codetr-installed
+
+.PHONY: run test lab export clean-nbs check-sync setup
+
+setup: $(STAMP)
+
+$(STAMP): settings.ini setup.py
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade --quiet pip
+	$(BIN)/python -m pip install --quiet -e ".[dev,cuda]"
+	$(BIN)/python -m pip check
+	@touch $@
+
+## The main job on the embedded synthetic dataset: generate it (once) and print its summary.
+run: $(STAMP)
+	$(BIN)/python -m codetr.synthetic
+
+## The whole test suite: package and notebooks in sync, every notebook runs, pytest over tests/.
+test: $(STAMP) check-sync
+	$(BIN)/python -m pytest tests -n 2 -p no:cacheprovider -rs
+
+## nbdev_export must leave codetr/ unchanged and nbdev_clean must leave nbs/ unchanged.
+check-sync: $(STAMP)
+	@before=$$(git diff -- codetr nbs | sha1sum; git status --porcelain -- codetr nbs); \
+	$(BIN)/nbdev_export || exit 1; $(BIN)/nbdev_clean || exit 1; \
+	after=$$(git diff -- codetr nbs | sha1sum; git status --porcelain -- codetr nbs); \
+	if [ "$$before" != "$$after" ]; then \
+	  echo "nbdev_export / nbdev_clean changed codetr/ or nbs/: run them and commit the result:"; \
+	  git status --porcelain -- codetr nbs; exit 1; fi; \
+	echo "codetr/ matches the notebooks; notebooks are clean"
+
+## Open the notebooks in JupyterLab.
+lab: $(STAMP)
+	$(BIN)/jupyter lab nbs
+
+export: $(STAMP)
+	$(BIN)/nbdev_export
+
+clean-nbs: $(STAMP)
+	$(BIN)/nbdev_clean

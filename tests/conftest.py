@@ -11,6 +11,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config):
+    # Under pytest-xdist every worker gets one thread: two workers on two cores, no oversubscription
+    # (tiny convolutions run many times slower when threads fight over cores).
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+        torch.set_num_threads(1)
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
 

@@ -28,6 +28,7 @@ sys.exit(0 if ok else 1)
 @pytest.mark.parametrize("nb", NBS, ids=[str(p.relative_to(REPO / "nbs")) for p in NBS])
 def test_notebook_runs(nb: Path):
     env = dict(os.environ, MPLBACKEND="Agg", PYTHONHASHSEED="0")
+    if os.environ.get("PYTEST_XDIST_WORKER"): env.setdefault("OMP_NUM_THREADS", "1")  # one core per worker
     proc = subprocess.run([sys.executable, "-c", RUNNER, str(nb), os.environ.get("CODETR_NB_FLAGS", "")],
                           capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, f"{nb.name} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"

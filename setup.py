@@ -1,4 +1,5 @@
 """Packaging for codetr: every field comes from settings.ini (the nbdev 2 layout)."""
+import shutil
 from configparser import ConfigParser
 from pathlib import Path
 
@@ -15,6 +16,10 @@ extras = {
     "dev": cfg.get("dev_requirements", "").split(),
 }
 readme = Path("README.md")
+# The CUDA sources live in kernels/ (next to the package in a checkout); the wheel ships a copy as codetr/kernels/
+# (git-ignored), which is where codetr.cuda.kernel_dir looks in an installed package.
+if Path("kernels").is_dir():
+    shutil.copytree("kernels", Path(cfg["lib_path"]) / "kernels", dirs_exist_ok=True)
 
 setuptools.setup(
     name=cfg["lib_name"],
@@ -29,7 +34,7 @@ setuptools.setup(
     keywords=cfg["keywords"],
     python_requires=">=" + cfg["min_python"],
     packages=setuptools.find_packages(include=["codetr", "codetr.*"]),
-    # The CUDA sources ship inside the wheel so an installed codetr finds them (see codetr.kernels).
+    # The CUDA sources ship inside the wheel so an installed codetr finds them (see codetr.cuda.kernel_dir).
     package_data={"codetr": ["kernels/*.cu", "kernels/*.h"]},
     include_package_data=True,
     install_requires=requirements,

@@ -65,10 +65,7 @@ class PositiveQueryConfig:
 
 @dataclass(frozen=True)
 class RPNConfig:
-    "RPN, part of auxiliary head 0 (spec 2.3)."
-    octave_base_scale: int = 4
-    scales_per_octave: int = 3
-    ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    "RPN, part of auxiliary head 0 (spec 2.3; its anchors are `codetr.anchors.rpn_anchor_generator`)."
     pos_iou_thr: float = 0.7
     neg_iou_thr: float = 0.3
     min_pos_iou: float = 0.3

@@ -61,6 +61,7 @@ class CoDeformDETRHead(nn.Module):
                  lambda_1: float = 1.0,         # weight of the positive-query losses
                  num_co_heads: int = 2,         # auxiliary heads (used when `transformer` is None)
                  num_groups: int = 32,          # GroupNorm groups of `downsample`
+                 with_pyramid: bool = True,     # build `downsample` for the auxiliary heads (off for plain Deformable DETR)
                 ):
         super().__init__()
         self.transformer = transformer or CoDeformableTransformer(embed_dims, num_levels=num_feature_levels,
@@ -80,7 +81,7 @@ class CoDeformDETRHead(nn.Module):
         self.reg_branches = nn.ModuleList([reg_branch(embed_dims) for _ in range(n)])
         self.positional_encoding = SinePositionalEncoding(embed_dims // 2, normalize=True, offset=-0.5)
         self.downsample = nn.Sequential(nn.Conv2d(embed_dims, embed_dims, 3, stride=2, padding=1),
-                                        nn.GroupNorm(num_groups, embed_dims))
+                                        nn.GroupNorm(num_groups, embed_dims)) if with_pyramid else None
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -121,6 +122,7 @@ def forward(self: CoDeformDETRHead,
 @patch
 def pyramid(self: CoDeformDETRHead, outputs: DETRHeadOutput) -> list[Tensor]:
     "The encoder memory as L maps (B, C, H_l, W_l) plus the extra downsampled level: the auxiliary heads' input."
+    if self.downsample is None: raise RuntimeError("CoDeformDETRHead.pyramid: built with with_pyramid=False")
     st = outputs.state
     B, _, C = st.memory.shape
     sizes = [int(h) * int(w) for h, w in st.spatial_shapes.tolist()]

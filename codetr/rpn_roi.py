@@ -396,6 +396,7 @@ class RoIHead(nn.Module):
                  sampling: MaxIoUSampling = RCNN_SAMPLING,
                  test_cfg: RCNNTestCfg = RCNNTestCfg(),
                  max_proposal: int = 2000,                      # cap on positive-coordinate rows per image
+                 fc_channels: int = 1024,                       # width of the two shared FC layers
                  head_index: int = 0):                          # suffix of the loss keys
         super().__init__()
         self.num_classes, self.in_channels, self.strides = num_classes, in_channels, tuple(strides)
@@ -403,7 +404,7 @@ class RoIHead(nn.Module):
         self.loss_cls_weight, self.loss_bbox_weight = loss_cls_weight, loss_bbox_weight
         self.max_proposal, self.head_index = max_proposal, head_index
         self.box_coder: DeltaXYWHBBoxCoder = roi_box_coder()
-        self.bbox_head = Shared2FCBBoxHead(num_classes, in_channels, roi_size)
+        self.bbox_head = Shared2FCBBoxHead(num_classes, in_channels, roi_size, fc_channels)
 
     def extract(self, pyramid: list[Tensor], rois: Tensor) -> Tensor:
         "(R, C, 7, 7) RoIAlign features of `rois` (R, 5) from the first maps of `pyramid`."

@@ -1,0 +1,326 @@
+"""Tests for codetr.explore without a browser: the helpers against pycocotools, scipy and brute force, every head's
+positives against the assignment rules they must satisfy, the sampling hook against the op's reference
+implementation, and the widgets driven from Python (set a value, check what was re-rendered)."""
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from scipy.optimize import linear_sum_assignment
+
+from codetr.assigners import match_cost
+from codetr.box_ops import box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh
+from codetr.explore import (PANEL_ORDER, AssignmentExplorer, DatasetBrowser, PredictionExplorer, SamplingExplorer,
+                            capture_sampling, class_counts, decoder_sampling, detect, explorer_model,
+                            filter_detections, gt_view, head_assignments, open_dataset, show_assignments,
+                            show_sampling)
+from codetr.msda import ms_deform_attn_reference
+from codetr.predict import Predictor, identity_class_mapping
+from codetr.synthetic import make_synthetic_coco
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    work = tmp_path_factory.mktemp("explore")
+    synth = make_synthetic_coco(work / "synthetic", n_train=0, n_val=4, min_size=80, max_size=112, seed=5)
+    model, cfg = explorer_model(seed=0)
+    cfg = replace(cfg, aug=cfg.aug.scaled(0.5))
+    ds = open_dataset(synth.val_images, synth.val_json, aug=cfg.aug)
+    # the same images with the annotations of image 0 removed: an image without boxes
+    data = json.loads(synth.val_json.read_text())
+    first = min(i["id"] for i in data["images"])
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] != first]
+    (work / "empty.json").write_text(json.dumps(data))
+    empty = open_dataset(synth.val_images, work / "empty.json", aug=cfg.aug)
+    return dict(work=work, synth=synth, model=model, cfg=cfg, ds=ds, empty=empty)
+
+
+@pytest.fixture(scope="module")
+def asg(env):
+    return [head_assignments(env["model"], env["ds"], i, seed=0) for i in range(2)]
+
+
+# ---------------------------------------------------------------- data set browsing
+
+def test_gt_view_matches_pycocotools(env):
+    ds = env["ds"]
+    for i in range(len(ds)):
+        v = gt_view(ds, i)
+        anns = ds.coco.loadAnns(ds.coco.getAnnIds(imgIds=[ds.ids[i]]))
+        expected = sorted((a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3],
+                           ds.cat_id_to_label[a["category_id"]]) for a in anns)
+        got = sorted(tuple(b) + (l,) for b, l in zip(v.boxes_xyxy.tolist(), v.labels.tolist()))
+        np.testing.assert_allclose(np.array(got).reshape(-1, 5), np.array(expected).reshape(-1, 5), atol=1e-4)
+        info = ds.coco.imgs[ds.ids[i]]
+        assert v.image.shape == (info["height"], info["width"], 3) and v.image_id == info["id"]
+
+
+@pytest.mark.parametrize("classes", [(), (0,), (1, 3), (0, 1, 2, 3, 4, 5)])
+def test_gt_view_class_filter(env, classes):
+    for i in range(len(env["ds"])):
+        full, part = gt_view(env["ds"], i), gt_view(env["ds"], i, classes)
+        assert set(part.labels.tolist()) <= set(classes)
+        assert len(part.labels) == sum(int(l) in classes for l in full.labels)
+
+
+def test_class_counts_and_bad_index(env):
+    ds = env["ds"]
+    assert class_counts(ds) == [len(ds.coco.getAnnIds(catIds=[c])) for c in ds.label_to_cat_id]
+    with pytest.raises(IndexError, match="out of range"): gt_view(ds, len(ds))
+    with pytest.raises(IndexError, match="out of range"): head_assignments(env["model"], ds, -1)
+
+
+# ---------------------------------------------------------------- predictions
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 30), thr=st.floats(0, 1), classes=st.none() | st.sets(st.integers(0, 5)), seed=st.integers(0, 99))
+def test_filter_detections_brute_force(n, thr, classes, seed):
+    g = torch.Generator().manual_seed(seed)
+    det = {"boxes": torch.rand(n, 4, generator=g), "scores": torch.rand(n, generator=g),
+           "labels": torch.randint(0, 6, (n,), generator=g)}
+    out = filter_detections(det, thr, classes)
+    keep = [i for i in range(n) if det["scores"][i] >= thr and (classes is None or int(det["labels"][i]) in classes)]
+    for k in det: torch.testing.assert_close(out[k], det[k][keep])
+
+
+def test_detect_equals_predictor_on_the_file(env):
+    "Oracle: codetr.predict's Predictor on the image file gives the same detections in file pixels."
+    ds, model, cfg = env["ds"], env["model"], env["cfg"]
+    p = Predictor(model, cfg, identity_class_mapping(cfg.num_classes))
+    for i in (0, 3):
+        det = detect(model, ds, i)
+        ref = p([gt_view(ds, i).image])[0]
+        torch.testing.assert_close(det["boxes"], ref["boxes"], rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(det["scores"], ref["scores"])
+    assert not model.training
+
+
+def test_detect_restores_training_mode(env):
+    model = env["model"]
+    model.train()
+    try: detect(model, env["ds"], 1)
+    finally: was = model.training; model.eval()
+    assert was
+
+
+# ---------------------------------------------------------------- assignments
+
+def test_panels_present_in_order(asg):
+    assert tuple(asg[0].panels) == PANEL_ORDER
+
+
+def test_detr_matches_scipy(env, asg):
+    "Oracle: scipy's linear_sum_assignment on the same cost matrix, from a separate forward pass."
+    model, ds = env["model"], env["ds"]
+    from codetr.data import collate
+    for i, a in enumerate(asg):
+        batch = collate([ds[i]])
+        with torch.no_grad():
+            out = model.query_head(model.neck(model.backbone(batch.images)), batch.pad_mask)
+        h, w = batch.targets[0]["img_size"]
+        whwh = torch.tensor([w, h, w, h], dtype=torch.float32)
+        cost = match_cost(out.pred_logits[0], out.pred_boxes[0], a.gt_labels, box_xyxy_to_cxcywh(a.gt_boxes_xyxy / whwh),
+                          (h, w), **model.query_head.match_weights)
+        rows, cols = linear_sum_assignment(cost.numpy())
+        p = a.panels["detr"]
+        assert sorted(zip(cols.tolist(), rows.tolist())) == sorted(zip(p.gt_index.tolist(), _query_ids(p, out, whwh)))
+        torch.testing.assert_close(p.labels, a.gt_labels[p.gt_index])
+
+
+def _query_ids(panel, out, whwh):
+    "The query whose predicted box each panel row shows."
+    boxes = box_cxcywh_to_xyxy(out.pred_boxes[0]) * whwh  # (Q, 4)
+    return [int(torch.cdist(b[None], boxes, p=1).argmin()) for b in panel.boxes_xyxy]
+
+
+def test_one_to_many_rules(env, asg):
+    cfg = env["cfg"]
+    for a in asg:
+        gt = a.gt_boxes_xyxy
+        for key, min_iou in (("rpn", cfg.rpn.min_pos_iou), ("roi", cfg.roi.pos_iou_thr)):
+            p = a.panels[key]
+            iou = box_iou(p.boxes_xyxy, gt)[torch.arange(len(p.labels)), p.gt_index]
+            assert (iou >= min_iou - 1e-5).all(), key  # (a small box may have no anchor at IoU >= 0.3: no positive)
+        atss = a.panels["atss"]
+        centres = (atss.boxes_xyxy[:, :2] + atss.boxes_xyxy[:, 2:]) / 2
+        g = gt[atss.gt_index]
+        inside = (centres > g[:, :2]) & (centres < g[:, 2:])
+        assert inside.all(), "ATSS positives have their centre inside their box"
+        torch.testing.assert_close(atss.labels, a.gt_labels[atss.gt_index])
+        assert len(a.panels["roi"].labels) >= len(gt)  # the gt boxes themselves are proposals
+
+
+def test_positive_queries_are_the_heads_positives(env, asg):
+    cap = env["cfg"].pos_queries.max_pos_coords
+    for a in asg:
+        for head, src in (("queries_rcnn", "roi"), ("queries_atss", "atss")):
+            q, s = a.panels[head], a.panels[src]
+            assert len(q.labels) == min(len(s.labels), cap)
+            d = torch.cdist(q.boxes_xyxy, s.boxes_xyxy, p=1)  # each query box is one of the head's positives
+            assert (d.min(1).values < 1e-2).all()
+            torch.testing.assert_close(q.labels, a.gt_labels[q.gt_index])
+
+
+def test_assignments_seeded_and_deterministic_parts(env, asg):
+    again = head_assignments(env["model"], env["ds"], 0, seed=0)
+    assert again.counts() == asg[0].counts()
+    other = head_assignments(env["model"], env["ds"], 0, seed=7)
+    for key in ("detr", "atss"):  # no random sampling in these
+        torch.testing.assert_close(other.panels[key].boxes_xyxy, asg[0].panels[key].boxes_xyxy)
+
+
+def test_image_without_boxes(env):
+    a = head_assignments(env["model"], env["empty"], 0)
+    assert len(a.gt_labels) == 0 and all(n == 0 for n in a.counts().values())
+    fig = show_assignments(a)
+    assert len(fig.axes) == len(a.panels) and all(len(ax.patches) == 0 for ax in fig.axes)
+
+
+def test_show_assignments_draws_each_panel(asg):
+    a = asg[1]
+    fig = show_assignments(a, ["atss", "detr"])
+    assert len(fig.axes) == 2
+    G = len(a.gt_labels)
+    assert [len(ax.patches) for ax in fig.axes] == [G + a.counts()["atss"], G + a.counts()["detr"]]
+
+
+# ---------------------------------------------------------------- sampling points
+
+def test_hook_reproduces_every_layer_output(env):
+    "Oracle: the recorded points and weights through the grid_sample reference give each layer's output."
+    model, ds = env["model"], env["ds"]
+    from codetr.data import collate
+    batch = collate([ds[2]])
+    layers = [l.cross_attn for l in model.query_head.transformer.decoder.layers]
+    queries = []
+    hooks = [m.register_forward_hook(lambda m, a, k, o: queries.append(a[0]), with_kwargs=True) for m in layers]
+    try:
+        with capture_sampling(layers) as recs, torch.no_grad():
+            st_ = model.query_head(model.neck(model.backbone(batch.images)), batch.pad_mask).state
+            assert len(recs) == len(layers)
+            for m, r, q in zip(layers, recs, queries):
+                core = ms_deform_attn_reference(m._project_value(st_.memory, st_.memory_pad_mask), st_.spatial_shapes,
+                                                st_.level_start_index, r.locations, r.weights)
+                torch.testing.assert_close(r.output, m.output_proj(core) + q, rtol=1e-4, atol=1e-4)
+    finally:
+        for h in hooks: h.remove()
+    assert all(len(m._forward_hooks) == 0 for m in layers)
+
+
+def test_hooks_removed_after_an_error(env):
+    layer = env["model"].query_head.transformer.decoder.layers[0].cross_attn
+    with pytest.raises(RuntimeError, match="boom"):
+        with capture_sampling([layer]): raise RuntimeError("boom")
+    assert len(layer._forward_hooks) == 0
+
+
+def test_fresh_model_points_centre_on_reference(env):
+    "At initialisation the offsets point in M symmetric directions: the mean point of a query is its reference."
+    samp = decoder_sampling(env["model"], env["ds"], 1)
+    model = env["model"]
+    if model.query_head.transformer.decoder.layers[0].cross_attn.sampling_offsets.weight.abs().sum() != 0:
+        pytest.skip("the model is not freshly initialised")
+    for level, (H, W) in enumerate(samp.spatial_shapes.tolist()):
+        s = samp.strides[level]
+        for q in (0, 7, samp.num_queries - 1):
+            xy, w, heads = samp.points(0, q, level)
+            expected = samp.references_cxcywh[0, q, :2] * torch.tensor([W * s, H * s])
+            torch.testing.assert_close(xy.mean(0), expected, rtol=1e-4, atol=1e-3)
+            assert sorted(set(heads.tolist())) == list(range(env["cfg"].transformer.num_heads))
+
+
+def test_sampling_weights_and_errors(env):
+    samp = decoder_sampling(env["model"], env["ds"], 0)
+    torch.testing.assert_close(samp.weights.sum((-1, -2)), torch.ones(samp.weights.shape[:3]))
+    assert samp.strides == [8, 16, 32, 64]
+    with pytest.raises(IndexError, match="layer"): show_sampling(samp, samp.num_layers, 0)
+    with pytest.raises(IndexError, match="query"): show_sampling(samp, 0, samp.num_queries)
+    fig = show_sampling(samp, 1, 3)
+    t = env["cfg"].transformer
+    assert [len(ax.collections[0].get_offsets()) for ax in fig.axes] == [t.num_heads * t.num_points] * t.num_levels
+
+
+# ---------------------------------------------------------------- widgets, driven from Python
+
+def test_dataset_browser(env):
+    ds = env["ds"]
+    b = DatasetBrowser(ds)
+    pngs = {b.image.value}
+    for i in range(len(ds)):
+        b.index.value = i
+        assert b.state["index"] == i and b.state["boxes"] == len(ds.coco.getAnnIds(imgIds=[ds.ids[i]]))
+        assert len(b.figure.axes[0].patches) == b.state["boxes"]
+        assert f"id {ds.ids[i]}" in b.state["title"] and b.caption.value.startswith("<b>image")
+        pngs.add(b.image.value)
+    assert len(pngs) == len(ds) and b.renders == len(ds)  # index 0 set again does not re-render
+    b.classes.value = ()
+    assert b.state["boxes"] == 0 and len(b.figure.axes[0].patches) == 0
+    assert b.image.value[:4] == b"\x89PNG"
+    assert "application/vnd.jupyter.widget-view+json" in b._repr_mimebundle_()
+
+
+def test_prediction_explorer(env):
+    model, ds = env["model"], env["ds"]
+    calls = []
+    h = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        pe = PredictionExplorer(model, ds, score_thr=0.0)
+        det = detect(model, ds, 0)
+        counts = []
+        for thr in (0.0, float(det["scores"][20]), float(det["scores"][3]), 1.0):
+            pe.score.value = thr
+            counts.append(pe.state["detections"])
+            assert counts[-1] == int((det["scores"] >= thr).sum())
+        assert counts == sorted(counts, reverse=True) and counts[-1] <= 1
+        pe.score.value = 0.0
+        pe.classes.value = (1, 2)
+        assert set(pe.state["labels"]) <= {1, 2}
+        assert pe.state["detections"] == int(torch.isin(det["labels"], torch.tensor([1, 2])).sum())
+        pe.show_gt.value = False
+        assert pe.state["gt_boxes"] == 0 and len(pe.figure.axes[0].patches) == pe.state["detections"]
+        pe.index.value = 2
+        assert pe.state["index"] == 2
+    finally: h.remove()
+    assert len(calls) == 3  # image 0 in the explorer, image 0 for `det`, image 2: sliders reuse the cache
+
+
+def test_assignment_explorer(env, asg):
+    ae = AssignmentExplorer(env["model"], env["ds"])
+    assert ae.state["counts"] == asg[0].counts() and len(ae.figure.axes) == len(PANEL_ORDER)
+    ae.panels.value = ("rpn",)
+    assert len(ae.figure.axes) == 1 and list(ae.state["counts"]) == ["rpn"]
+    ae.index.value = 1
+    assert ae.state["counts"] == {"rpn": asg[1].counts()["rpn"]}
+    n = ae.renders
+    ae.seed.value = 3
+    assert ae.renders == n + 1 and (1, 3) in ae._cache
+
+
+def test_sampling_explorer(env):
+    se = SamplingExplorer(env["model"], env["ds"])
+    samp = se.sampling(0)
+    assert se.state["query"] == int(samp.scores.argmax()) and se.state["layer"] == samp.num_layers - 1
+    t = env["cfg"].transformer
+    assert se.state["points"] == t.num_heads * t.num_levels * t.num_points
+    picks = [q for _, q in se.best.options]
+    assert picks == samp.scores.argsort(descending=True)[:10].tolist()
+    se.best.value = picks[3]
+    assert se.query.value == picks[3] and se.state["query"] == picks[3]
+    se.layer.value = 0
+    assert se.state["title"].startswith(f"layer 0, query {picks[3]}")
+    se.index.value = 3
+    assert se.best.value is None and se.best.options[0][1] == int(se.sampling(3).scores.argmax())
+    assert se.state["index"] == 3
+
+
+def test_explorer_model_from_checkpoint(env, tmp_path):
+    from codetr.evaluate import config_to_dict
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": env["model"].state_dict(), "config": config_to_dict(env["cfg"])}, path)
+    m, c = explorer_model(path, ann_file=env["synth"].val_json)
+    assert c.aug == env["cfg"].aug and not m.training
+    own = env["model"].state_dict()
+    assert all(torch.equal(v, own[k]) for k, v in m.state_dict().items())
+    torch.testing.assert_close(detect(m, env["ds"], 1)["boxes"], detect(env["model"], env["ds"], 1)["boxes"])

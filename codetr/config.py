@@ -9,7 +9,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field, fields, replace
 
-from .data import AugConfig, detr_augmentation, small_augmentation
+from .data import AugConfig, detr_augmentation
 
 # %% auto 0
 __all__ = ['AUX_HEADS', 'PRESETS', 'BackboneConfig', 'TransformerConfig', 'DETRHeadConfig', 'PositiveQueryConfig', 'RPNConfig',
@@ -165,7 +165,7 @@ def deformable_detr_r50_1x_coco(num_classes: int = 80) -> CoDETRConfig:
                    pos_queries=replace(PositiveQueryConfig(), enabled=False))
 
 def co_deformable_detr_tiny(num_classes: int = 6) -> CoDETRConfig:
-    "A small Co-Deformable-DETR that trains on the synthetic dataset on a laptop CPU."
+    "A small Co-Deformable-DETR for CPUs: 3 epochs on the synthetic set, images at 0.2 x the official sizes, no crops."
     return CoDETRConfig(
         name="co_deformable_detr_tiny", num_classes=num_classes,
         backbone=BackboneConfig(depth=18, weights=None), neck_out_channels=64,
@@ -175,9 +175,9 @@ def co_deformable_detr_tiny(num_classes: int = 6) -> CoDETRConfig:
         pos_queries=replace(PositiveQueryConfig(), max_pos_coords=50),
         rpn=replace(RPNConfig(), nms_pre=500, max_per_img=200, num_samples=128),
         roi=replace(RoIConfig(), fc_dims=256, num_samples=128),
-        optim=replace(OptimConfig(), lr=4e-4, epochs=12, lr_steps=(10,), batch_size=4,
+        optim=replace(OptimConfig(), lr=4e-4, epochs=3, lr_steps=(2,), batch_size=4,
                       lr_mult=(("backbone", 1.0), ("sampling_offsets", 0.1), ("reference_points", 0.1))),
-        aug=small_augmentation())
+        aug=replace(AugConfig().scaled(0.2), policy_b_prob=0.0))  # short runs learn faster without the crop policy
 
 def deformable_detr_tiny(num_classes: int = 6) -> CoDETRConfig:
     "`co_deformable_detr_tiny` without auxiliary heads or positive queries."

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _cfg():
     cfg = co_deformable_detr_tiny()
-    return replace(cfg, aug=cfg.aug.scaled(0.5))  # test side 96: fast
+    return replace(cfg, aug=cfg.aug.scaled(0.5))  # half the preset's test sizes: fast
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,8 @@ def test_official_names_are_converted(env, predictor, tmp_path, wrapped):
     torch.save({"state_dict": sd, "meta": {"epoch": 12}} if wrapped else sd, path)
     assert read_weights(path).kind == "official"
     p = load_predictor(path, preset="co_deformable_detr_tiny", ann_file=env["synth"].val_json,
-                       cfg_options=["aug.test_scale=96", "aug.test_max_size=160"])
+                       cfg_options=[f"aug.test_scale={env['cfg'].aug.test_scale}",
+                                    f"aug.test_max_size={env['cfg'].aug.test_max_size}"])
     own = env["model"].state_dict()
     assert all(torch.equal(v, own[k]) for k, v in p.model.state_dict().items())
     img = load_image(env["synth"].val_images / "000000.png")

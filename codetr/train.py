@@ -454,7 +454,8 @@ def fit(self: Trainer,
     if is_main_process():
         self.work_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(self.work_dir / "config.json", json.dumps(config_to_dict(self.cfg), indent=1))
-    if resume_from or auto_resume: self.resume(resume_from)
+    resumed = self.resume(resume_from) if (resume_from or auto_resume) else None
+    if resumed is None and is_main_process(): self.log_path.unlink(missing_ok=True)  # a fresh run starts a fresh log
     with _stop_on_signals(self):
         try:
             while self.epoch < self.cfg.optim.epochs:

@@ -82,6 +82,14 @@ def _device(model: nn.Module) -> torch.device:
     "Where the model's weights are: inputs go there, results come back to the CPU."
     return next(model.parameters()).device
 
+@contextmanager
+def _eval_mode(model: nn.Module):
+    "Run the block with `model` in eval mode and restore its previous mode afterwards, even on error."
+    was_training = model.training
+    model.eval()
+    try: yield model
+    finally: model.train(was_training)
+
 def gt_view(dataset: CocoDetection, index: int, classes: Collection[int] | None = None) -> ImageView:
     "Image `index` of `dataset` at its file size with the ground-truth boxes of `classes` (all when None)."
     _check_index(dataset, index)
@@ -105,10 +113,7 @@ def detect(model: nn.Module, dataset: CocoDetection, index: int) -> dict[str, Te
     "The model's detections on item `index`: boxes (N, 4) xyxy in file pixels, scores (N,), labels (N,), best first."
     _check_index(dataset, index)
     image, target = dataset[index]
-    was_training = model.training
-    model.eval()
-    try: out = model([image.as_subclass(Tensor).to(_device(model))], [target])[0]
-    finally: model.train(was_training)
+    with _eval_mode(model): out = model([image.as_subclass(Tensor).to(_device(model))], [target])[0]
     return {k: v.cpu() for k, v in out.items()}
 
 def filter_detections(det: dict[str, Tensor], score_thr: float = 0.0,
@@ -204,9 +209,7 @@ PANEL_ORDER = ("detr", "rpn", "roi", "atss", "queries_rcnn", "queries_atss")
 def head_assignments(model: CoDETR, dataset: CocoDetection, index: int, seed: int = 0) -> Assignments:
     "Run the model on item `index` and collect every head's positives (see the list above)."
     _check_index(dataset, index)
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         batch = collate([dataset[index]]).to(_device(model))
         tg = batch.targets[0]
         img_sizes, pad_hw = [tuple(tg["img_size"])], tuple(batch.images.shape[-2:])
@@ -219,7 +222,6 @@ def head_assignments(model: CoDETR, dataset: CocoDetection, index: int, seed: in
             else: panels["atss"], pos = _atss_panel(head, pyramid, batch.targets, img_sizes, pad_hw)
             if model.cfg.pos_queries.enabled:
                 panels[f"queries_{pos.tag}"] = _query_panel(model, pos, img_sizes[0], tg["boxes"], seed)
-    finally: model.train(was_training)
     h, w = img_sizes[0]
     cpu = lambda t: t.detach().cpu()
     panels = {k: Panel(p.title, cpu(p.boxes_xyxy), cpu(p.labels), cpu(p.gt_index), p.note)
@@ -315,14 +317,11 @@ class DecoderSampling:
 def decoder_sampling(model: CoDETR, dataset: CocoDetection, index: int) -> DecoderSampling:
     "Run the model on item `index` and record each decoder layer's cross-attention sampling."
     _check_index(dataset, index)
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         batch = collate([dataset[index]]).to(_device(model))
         layers = [layer.cross_attn for layer in model.query_head.transformer.decoder.layers]
         with capture_sampling(layers) as records:
             outputs = model.query_head(model.neck(model.backbone(batch.images)), batch.pad_mask)
-    finally: model.train(was_training)
     h, w = batch.targets[0]["img_size"]
     L = records[0].spatial_shapes.shape[0]
     scores, labels = outputs.pred_logits[0].sigmoid().max(-1)  # (Q,), (Q,)

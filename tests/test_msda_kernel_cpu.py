@@ -8,18 +8,9 @@ import torch
 
 from codetr.cuda import _nvcc, _nvrtc_usable, compile_check, load_kernels
 from codetr.msda import ms_deform_attn_gather, ms_deform_attn_kernel, ms_deform_attn_reference
+from test_msda import make_inputs  # the same random inputs as the pure-PyTorch tests
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="the CPU build of the kernels needs g++")
-
-
-def make_inputs(B, Q, M, D, P, hw, dtype=torch.float64, spill=0.25, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    shapes = torch.tensor(hw)
-    starts = torch.cat([shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]])
-    value = torch.randn(B, int(shapes.prod(1).sum()), M, D, generator=g, dtype=dtype)
-    locs = torch.rand(B, Q, M, len(hw), P, 2, generator=g, dtype=dtype) * (1 + 2 * spill) - spill
-    weights = torch.rand(B, Q, M, len(hw), P, generator=g, dtype=dtype)
-    return value, shapes, starts, locs, weights
 
 
 def kernel_fn(dtype):

@@ -93,7 +93,7 @@ class CoDETR(nn.Module):
         super().__init__()
         self.cfg = cfg
         b = cfg.backbone
-        self.backbone = ResNetBackbone(f"resnet{b.depth}", b.out_indices, b.frozen_stages, weights=b.weights)
+        self.backbone = ResNetBackbone(f"resnet{b.depth}", b.out_indices, b.frozen_stages, b.norm_eval, weights=b.weights)
         self.neck = ChannelMapper(self.backbone.out_channels, cfg.neck_out_channels, num_outs=cfg.transformer.num_levels)
         if cfg.neck_out_channels != cfg.transformer.embed_dims:
             raise ValueError(f"CoDETRConfig: neck_out_channels={cfg.neck_out_channels} must equal "

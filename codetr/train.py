@@ -35,10 +35,10 @@ from .evaluate import (atomic_write, config_from_dict, config_to_dict, default_m
                              init_device, run_config, safe_load, shard_loader, state_dict_of, write_metrics, ap_table)
 
 # %% auto 0
-__all__ = ['lr_mult_for', 'param_groups', 'build_optimizer', 'build_scheduler', 'clip_gradients', 'seed_everything',
-           'sample_seed', 'seeded_rngs', 'SeededDataset', 'EpochSampler', 'rng_state', 'set_rng_state',
-           'checkpoint_name', 'list_checkpoints', 'save_checkpoint', 'latest_checkpoint', 'load_checkpoint',
-           'export_safetensors', 'Trainer', 'main']
+__all__ = ['EXPORTED_META', 'lr_mult_for', 'param_groups', 'build_optimizer', 'build_scheduler', 'clip_gradients',
+           'seed_everything', 'sample_seed', 'seeded_rngs', 'SeededDataset', 'EpochSampler', 'rng_state',
+           'set_rng_state', 'checkpoint_name', 'list_checkpoints', 'save_checkpoint', 'latest_checkpoint',
+           'load_checkpoint', 'export_safetensors', 'Trainer', 'main']
 
 # %% ../nbs/21_train.ipynb
 def lr_mult_for(name: str,                                # parameter name, e.g. "backbone.layer1.0.conv1.weight"
@@ -64,8 +64,10 @@ def build_optimizer(model: nn.Module, optim_cfg: OptimConfig) -> torch.optim.Ada
     "AdamW with the official parameter groups (spec 5.1): lr x multiplier by name, weight decay on everything."
     groups = param_groups(model, optim_cfg)
     if not groups: raise ValueError("build_optimizer: the model has no trainable parameters")
+    # the fused kernel updates every tensor in one pass: ~3x faster than the per-tensor loop on a CPU
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
-                             weight_decay=optim_cfg.weight_decay)
+                             weight_decay=optim_cfg.weight_decay, fused=fused or None)
 
 # %% ../nbs/21_train.ipynb
 def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: OptimConfig) -> torch.optim.lr_scheduler.MultiStepLR:
@@ -195,14 +197,20 @@ def load_checkpoint(path: str | Path) -> dict:
     if missing: raise ValueError(f"checkpoint {path}: not a codetr training checkpoint (missing {missing})")
     return state
 
+EXPORTED_META = ("config", "label_to_cat_id", "class_names")  # checkpoint entries copied into safetensors metadata
+
 def export_safetensors(checkpoint: str | Path | dict, # a training checkpoint (file or loaded dict) or a state dict
                        path: str | Path,             # the .safetensors file to write
+                       metadata: dict | None = None, # more metadata; values that are not text are stored as JSON
                       ) -> Path:
-    "Write the model weights of a checkpoint as safetensors (atomically)."
+    "Write the model weights of a checkpoint as safetensors (atomically), with its config and class mapping as JSON metadata."
     from safetensors.torch import save
-    state = state_dict_of(load_checkpoint(checkpoint) if not isinstance(checkpoint, dict) else checkpoint)
+    ckpt = load_checkpoint(checkpoint) if not isinstance(checkpoint, dict) else checkpoint
+    state = state_dict_of(ckpt)
+    extra = {k: ckpt[k] for k in EXPORTED_META if state is not ckpt and ckpt.get(k) is not None} | (metadata or {})
+    meta = {"format": "pt"} | {k: v if isinstance(v, str) else json.dumps(v) for k, v in extra.items()}
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}  # clone: no shared storage
-    return atomic_write(path, save(tensors, metadata={"format": "pt"}))
+    return atomic_write(path, save(tensors, metadata=meta))
 
 # %% ../nbs/21_train.ipynb
 def _autocast(device: torch.device, amp: str | None):
@@ -270,6 +278,9 @@ class Trainer:
         self.epoch = self.iteration = self.global_step = self.bad_steps = 0
         self._stop, self._committing = False, False
         self.log_path = self.work_dir / "log.jsonl"
+        # the training set's class mapping goes into every checkpoint, so a checkpoint alone can name its detections
+        self.classes = {k: [v.item() if hasattr(v, "item") else v for v in getattr(train_set, k)]
+                        for k in ("label_to_cat_id", "class_names") if hasattr(train_set, k)}
 
     @property
     def batches_per_epoch(self) -> int: return math.ceil(self.sampler.num_samples / self.cfg.optim.batch_size)
@@ -300,7 +311,7 @@ def state_dict(self: Trainer) -> dict:
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
             "iteration": self.iteration, "global_step": self.global_step, "bad_steps": self.bad_steps,
             "seed": self.seed, "world_size": get_world_size(), "rng": rngs, "sampler": self.sampler.state_dict(),
-            "config": config_to_dict(self.cfg)}
+            "config": config_to_dict(self.cfg), **self.classes}
 
 @patch
 def load_state_dict(self: Trainer, state: dict):
@@ -415,19 +426,25 @@ def train_epoch(self: Trainer):
     bar = tqdm(total=n, initial=self.iteration, desc=f"epoch {self.epoch + 1}/{self.cfg.optim.epochs}",
                disable=not (self.progress and is_main_process()), leave=False)
     batches = iter(self._epoch_loader())
+    start, steps, loss_sum = time.perf_counter(), 0, 0.0
     while self.iteration < n:
         t0, group = time.perf_counter(), min(self.accum_steps, n - self.iteration)
         logs, data_time, bad = self._forward_group(batches, group)
         grad_norm = self._apply_step(bad)
         self.iteration += group; self.global_step += 1
         self._committing = False
-        self._log_step(logs, grad_norm, time.perf_counter() - t0, data_time, bar)
+        record = self._log_step(logs, grad_norm, time.perf_counter() - t0, data_time, bar)
+        if math.isfinite(record["loss"]): steps, loss_sum = steps + 1, loss_sum + record["loss"]
         bar.update(group)
         if any(l["stop"] for l in logs):
             path = self.save()
             raise KeyboardInterrupt(f"training interrupted; checkpoint saved to {path or self.work_dir}")
         if self.checkpoint_interval and self.global_step % self.checkpoint_interval == 0 and self.iteration < n: self.save()
     bar.close()
+    if is_main_process():  # one line per epoch, also for logs streamed from torchrun
+        seconds = time.perf_counter() - start
+        print(f"epoch {self.epoch + 1}/{self.cfg.optim.epochs}: {steps} steps, mean loss {loss_sum / max(steps, 1):.4f}, "
+              f"lr {self.base_lr():.2e}, {seconds:.0f} s ({seconds / max(steps, 1):.2f} s/step)", flush=True)
     self.scheduler.step()
     self.epoch, self.iteration = self.epoch + 1, 0
 
@@ -541,7 +558,9 @@ def main(argv: Sequence[str] | None = None,
                       val_interval=args.val_interval, progress=not args.no_progress, deterministic=args.deterministic,
                       find_unused_parameters=args.find_unused_parameters)
     trainer.fit(auto_resume=args.auto_resume, resume_from=args.resume)
-    if is_main_process(): export_safetensors(trainer.model.state_dict(), trainer.work_dir / "model.safetensors")
+    if is_main_process():
+        export_safetensors(trainer.model.state_dict(), trainer.work_dir / "model.safetensors",
+                           metadata={"config": config_to_dict(cfg), **trainer.classes})
     metrics = None if val_set is None else trainer.validate(write=True)
     if metrics is not None and is_main_process(): print(ap_table(metrics))
     if joined and is_dist(): dist.destroy_process_group()

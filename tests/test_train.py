@@ -6,6 +6,7 @@ codetr.model (training: a dict of loss tensors; eval: per-image boxes in origina
 is normalised the way every Co-DETR loss is (a sum over objects divided by `reduce_mean(count).clamp(min=1)`), which
 is what makes W processes with b images each equal one process with W*b images (see the notebook 21_train).
 """
+import copy
 import json
 import math
 import os
@@ -157,6 +158,25 @@ def test_optimizer_groups():
     names = dict(model.named_parameters())
     for g in opt.param_groups:  # the group's params are exactly the named ones
         assert all(p is names[n] for p, n in zip(g["params"], g["param_names"]))
+
+
+def test_optimizer_matches_reference_adamw():
+    "The (fused) optimizer takes the same steps as torch's per-tensor AdamW over the same groups."
+    torch.manual_seed(0)
+    model = TinyDetectorDouble(tiny_cfg())
+    ref_model, init = copy.deepcopy(model), copy.deepcopy(model)
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.05, lr_mult=(("backbone", 0.1),))
+    opt = build_optimizer(model, cfg)
+    ref = torch.optim.AdamW([{"params": [dict(ref_model.named_parameters())[n] for n in g["param_names"]], "lr": g["lr"]}
+                             for g in opt.param_groups], weight_decay=0.05, foreach=False)
+    for _ in range(5):
+        grads = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+        for m in (model, ref_model):
+            for n, p in m.named_parameters(): p.grad = grads[n].clone()
+        opt.step(); ref.step()
+    for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), n
+    assert not torch.allclose(model.backbone.weight, init.backbone.weight, atol=1e-3)  # the steps did move it
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
@@ -392,6 +412,13 @@ def test_cli_trains_and_evaluates(tmp_path, synth):
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["num_classes"] == 6 and cfg["optim"]["batch_size"] == 4 and cfg["aug"]["scales"] == [48, 64]
     assert (tmp_path / "model.safetensors").exists() and (tmp_path / "detections.json").exists()
+    # the class mapping travels with the weights: codetr.predict names detections from the file alone
+    from codetr.predict import read_weights
+    cats = sorted(json.loads(synth.train_json.read_text())["categories"], key=lambda c: c["id"])
+    for name in ("model.safetensors", latest_checkpoint(tmp_path).name):
+        classes = read_weights(tmp_path / name).classes
+        assert classes.cat_ids == [c["id"] for c in cats] and classes.names == [c["name"] for c in cats]
+    assert read_weights(tmp_path / "model.safetensors").config == cfg
     main(["co_deformable_detr_tiny", "--epochs", "2", "--auto-resume", "--no-validate", *common],
          model_factory=TinyDetectorDouble)  # extends the finished run by one epoch
     assert latest_checkpoint(tmp_path).name == "epoch_0002_iter_000000.pt"

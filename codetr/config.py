@@ -172,7 +172,7 @@ def co_deformable_detr_tiny(num_classes: int = 6) -> CoDETRConfig:
         backbone=BackboneConfig(depth=18, frozen_stages=-1, norm_eval=False, weights=None), neck_out_channels=64,
         transformer=TransformerConfig(embed_dims=64, num_heads=4, num_levels=4, num_points=2, num_encoder_layers=2,
                                       num_decoder_layers=2, ffn_dims=256),
-        head=replace(DETRHeadConfig(), num_queries=50, test_top_k=50),
+        head=replace(DETRHeadConfig(), num_queries=50),  # top 100 of the 50 x K query-class scores, as officially
         pos_queries=replace(PositiveQueryConfig(), max_pos_coords=50),
         rpn=replace(RPNConfig(), nms_pre=500, max_per_img=200, num_samples=128),
         roi=replace(RoIConfig(), fc_dims=256, num_samples=128),

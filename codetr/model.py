@@ -14,7 +14,8 @@ from .atss_head import CoATSSHead
 from .backbone import ChannelMapper, ResNetBackbone
 from .config import CoDETRConfig, co_deformable_detr_tiny
 from .detr_head import CoDeformDETRHead
-from .rpn_roi import MaxIoUSampling, ProposalCfg, RPNHead, RPNRoIHead, RoIHead
+from .rpn import MaxIoUSampling, ProposalCfg, RPNHead
+from .rpn_roi import RPNRoIHead, RoIHead
 from .transformer import CoDeformableTransformer
 
 # %% auto 0

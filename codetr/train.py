@@ -9,18 +9,13 @@ import argparse
 import contextlib
 import json
 import math
-import os
-import random
-import re
 import resource
 import signal
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -28,189 +23,17 @@ from fastcore.basics import patch
 from fastcore.imports import IN_NOTEBOOK
 from tqdm.auto import tqdm
 
-from .config import CoDETRConfig, OptimConfig, override
+from .config import CoDETRConfig, override
 from .data import collate, build_dataset
 from .dist import get_rank, get_world_size, is_dist, is_main_process
-from .evaluate import (atomic_write, config_from_dict, config_to_dict, default_model_factory, evaluate,
-                             init_device, run_config, safe_load, shard_loader, state_dict_of, write_metrics, ap_table)
+from .evaluate import (atomic_write, config_to_dict, default_model_factory, evaluate, init_device, run_config,
+                             shard_loader, write_metrics, ap_table)
+from .run_state import (EpochSampler, SeededDataset, build_optimizer, build_scheduler, clip_gradients,
+                              export_safetensors, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
+                              seed_everything, set_rng_state)
 
 # %% auto 0
-__all__ = ['EXPORTED_META', 'lr_mult_for', 'param_groups', 'build_optimizer', 'build_scheduler', 'clip_gradients',
-           'seed_everything', 'sample_seed', 'seeded_rngs', 'SeededDataset', 'EpochSampler', 'rng_state',
-           'set_rng_state', 'checkpoint_name', 'list_checkpoints', 'save_checkpoint', 'latest_checkpoint',
-           'load_checkpoint', 'export_safetensors', 'Trainer', 'main']
-
-# %% ../nbs/21_train.ipynb
-def lr_mult_for(name: str,                                # parameter name, e.g. "backbone.layer1.0.conv1.weight"
-                lr_mult: Sequence[tuple[str, float]],     # (substring, multiplier) pairs, e.g. OptimConfig.lr_mult
-               ) -> float:
-    "The multiplier of the longest key contained in `name` (ties: alphabetically first), 1.0 if none (mmcv rule)."
-    table = dict(lr_mult)
-    for key in sorted(sorted(table), key=len, reverse=True):
-        if key in name: return float(table[key])
-    return 1.0
-
-def param_groups(model: nn.Module, optim_cfg: OptimConfig) -> list[dict]:
-    "Trainable parameters grouped by learning-rate multiplier, in order of first appearance."
-    groups: dict[float, dict] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad: continue
-        mult = lr_mult_for(name, optim_cfg.lr_mult)
-        g = groups.setdefault(mult, {"params": [], "param_names": [], "lr": optim_cfg.lr * mult, "lr_mult": mult})
-        g["params"].append(p); g["param_names"].append(name)
-    return list(groups.values())
-
-def build_optimizer(model: nn.Module, optim_cfg: OptimConfig) -> torch.optim.AdamW:
-    "AdamW with the official parameter groups (spec 5.1): lr x multiplier by name, weight decay on everything."
-    groups = param_groups(model, optim_cfg)
-    if not groups: raise ValueError("build_optimizer: the model has no trainable parameters")
-    # the fused kernel updates every tensor in one pass: ~3x faster than the per-tensor loop on a CPU
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
-                             weight_decay=optim_cfg.weight_decay, fused=fused or None)
-
-# %% ../nbs/21_train.ipynb
-def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: OptimConfig) -> torch.optim.lr_scheduler.MultiStepLR:
-    "Step decay at the epochs `optim_cfg.lr_steps` by `lr_gamma`, stepped once per epoch, no warm-up."
-    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(optim_cfg.lr_steps), gamma=optim_cfg.lr_gamma)
-
-def clip_gradients(parameters: Sequence[nn.Parameter], max_norm: float | None) -> Tensor:
-    "Clip the global L2 norm of the gradients to `max_norm` (skip when None or <= 0); returns the norm before."
-    params = [p for p in parameters if p.grad is not None]
-    if not params: return torch.zeros(())
-    limit = max_norm if max_norm and max_norm > 0 else float("inf")
-    return torch.nn.utils.clip_grad_norm_(params, limit, norm_type=2.0)
-
-# %% ../nbs/21_train.ipynb
-def seed_everything(seed: int,               # the run's seed
-                    deterministic: bool = False, # also ask for deterministic kernels (cuDNN, torch)
-                   ):
-    "Seed Python's `random`, NumPy and torch (all devices)."
-    random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
-    if deterministic:
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-        torch.use_deterministic_algorithms(True, warn_only=True)
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    "A 32-bit seed for item `index` in epoch `epoch` of a run seeded with `seed`."
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
-
-@contextlib.contextmanager
-def seeded_rngs(seed: int):
-    "Run the block with Python, NumPy and torch (CPU) RNGs seeded with `seed`; restore their states afterwards."
-    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    random.seed(seed); np.random.seed(seed); torch.default_generator.manual_seed(seed)
-    try: yield
-    finally:
-        random.setstate(saved[0]); np.random.set_state(saved[1]); torch.set_rng_state(saved[2])
-
-class SeededDataset(torch.utils.data.Dataset):
-    "Wraps a data set so that item `i` of epoch `e` is produced with RNGs seeded from `(seed, e, i)`."
-    def __init__(self, dataset: torch.utils.data.Dataset, seed: int = 0):
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
-    def set_epoch(self, epoch: int): self.epoch = epoch
-    def __len__(self) -> int: return len(self.dataset)
-    def __getitem__(self, index: int):
-        with seeded_rngs(sample_seed(self.seed, self.epoch, index)): return self.dataset[index]
-
-class EpochSampler(torch.utils.data.Sampler):
-    "Permutation of epoch `e` seeded with `seed + e`, padded and sharded over processes, starting at item `start`."
-    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, rank: int | None = None, world_size: int | None = None):
-        if n < 1: raise ValueError(f"EpochSampler: the data set is empty (n={n})")
-        self.n, self.seed, self.shuffle = n, seed, shuffle
-        self.rank = get_rank() if rank is None else rank
-        self.world_size = get_world_size() if world_size is None else world_size
-        self.num_samples = math.ceil(n / self.world_size)  # items per process and epoch
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch: int, start: int = 0): self.epoch, self.start = epoch, start
-
-    def order(self) -> list[int]:
-        "This process's items for the current epoch, from the beginning."
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        perm = torch.randperm(self.n, generator=g).tolist() if self.shuffle else list(range(self.n))
-        total = self.num_samples * self.world_size
-        perm = (perm * math.ceil(total / self.n))[:total]  # pad by repeating, like DistributedSampler
-        return perm[self.rank::self.world_size]
-
-    def __iter__(self) -> Iterator[int]: return iter(self.order()[self.start:])
-    def __len__(self) -> int: return max(self.num_samples - self.start, 0)
-    def state_dict(self) -> dict: return {"seed": self.seed, "epoch": self.epoch, "start": self.start, "world_size": self.world_size}
-
-# %% ../nbs/21_train.ipynb
-def rng_state() -> dict:
-    "This process's Python, NumPy, torch and CUDA RNG states as tensors, lists and numbers."
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    return {"python": [version, list(internal), gauss],
-            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-            "torch": torch.get_rng_state(), "cuda": list(cuda)}
-
-def set_rng_state(state: dict):
-    "Restore the states saved by `rng_state`."
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state["cuda"])
-
-# %% ../nbs/21_train.ipynb
-_CKPT = re.compile(r"^epoch_(\d+)_iter_(\d+)\.pt$")
-
-def checkpoint_name(epoch: int, iteration: int) -> str:
-    "File name of the state after `epoch` full epochs and `iteration` batches of the next."
-    return f"epoch_{epoch:04d}_iter_{iteration:06d}.pt"
-
-def list_checkpoints(work_dir: str | Path) -> list[Path]:
-    "The run's checkpoints, oldest first."
-    work_dir = Path(work_dir)
-    return sorted(p for p in work_dir.glob("epoch_*_iter_*.pt") if _CKPT.match(p.name)) if work_dir.is_dir() else []
-
-def save_checkpoint(work_dir: str | Path, state: dict, keep_last: int = 3) -> Path:
-    "Write `state` atomically, point `latest` at it, and keep only the newest `keep_last` checkpoints (0 = all)."
-    work_dir = Path(work_dir)
-    path = work_dir / checkpoint_name(state["epoch"], state["iteration"])
-    atomic_write(path, lambda f: torch.save(state, f))
-    atomic_write(work_dir / "latest", path.name + "\n")
-    if keep_last > 0:
-        for old in list_checkpoints(work_dir)[:-keep_last]:
-            if old != path: old.unlink(missing_ok=True)
-    return path
-
-def latest_checkpoint(work_dir: str | Path) -> Path | None:
-    "The checkpoint named by `latest`, else the newest one present, else None."
-    work_dir = Path(work_dir)
-    pointer = work_dir / "latest"
-    if pointer.is_file():
-        path = work_dir / pointer.read_text().strip()
-        if path.is_file(): return path
-    found = list_checkpoints(work_dir)
-    return found[-1] if found else None
-
-def load_checkpoint(path: str | Path) -> dict:
-    "A training checkpoint, loaded with `weights_only=True`; errors name the file and the missing entries."
-    state = safe_load(path)
-    missing = [k for k in ("model", "optimizer", "scheduler", "epoch", "iteration", "rng", "config") if k not in state]
-    if missing: raise ValueError(f"checkpoint {path}: not a codetr training checkpoint (missing {missing})")
-    return state
-
-EXPORTED_META = ("config", "label_to_cat_id", "class_names")  # checkpoint entries copied into safetensors metadata
-
-def export_safetensors(checkpoint: str | Path | dict, # a training checkpoint (file or loaded dict) or a state dict
-                       path: str | Path,             # the .safetensors file to write
-                       metadata: dict | None = None, # more metadata; values that are not text are stored as JSON
-                      ) -> Path:
-    "Write the model weights of a checkpoint as safetensors (atomically), with its config and class mapping as JSON metadata."
-    from safetensors.torch import save
-    ckpt = load_checkpoint(checkpoint) if not isinstance(checkpoint, dict) else checkpoint
-    state = state_dict_of(ckpt)
-    extra = {k: ckpt[k] for k in EXPORTED_META if state is not ckpt and ckpt.get(k) is not None} | (metadata or {})
-    meta = {"format": "pt"} | {k: v if isinstance(v, str) else json.dumps(v) for k, v in extra.items()}
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}  # clone: no shared storage
-    return atomic_write(path, save(tensors, metadata=meta))
+__all__ = ['Trainer', 'main']
 
 # %% ../nbs/21_train.ipynb
 def _autocast(device: torch.device, amp: str | None):

@@ -1,6 +1,6 @@
 """Tests for codetr.explore without a browser: the helpers against pycocotools, scipy and brute force, every head's
 positives against the assignment rules they must satisfy, the sampling hook against the op's reference
-implementation, and the widgets driven from Python (set a value, check what was re-rendered)."""
+implementation, and loading a checkpoint (the widgets are tested in test_widgets.py)."""
 import json
 from dataclasses import replace
 
@@ -12,8 +12,7 @@ from scipy.optimize import linear_sum_assignment
 
 from codetr.assigners import match_cost
 from codetr.box_ops import box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh
-from codetr.explore import (PANEL_ORDER, AssignmentExplorer, DatasetBrowser, PredictionExplorer, SamplingExplorer,
-                            capture_sampling, class_counts, decoder_sampling, detect, explorer_model,
+from codetr.explore import (PANEL_ORDER, capture_sampling, class_counts, decoder_sampling, detect, explorer_model,
                             filter_detections, gt_view, head_assignments, open_dataset, show_assignments,
                             show_sampling)
 from codetr.msda import ms_deform_attn_reference
@@ -240,79 +239,6 @@ def test_sampling_weights_and_errors(env):
     fig = show_sampling(samp, 1, 3)
     t = env["cfg"].transformer
     assert [len(ax.collections[0].get_offsets()) for ax in fig.axes] == [t.num_heads * t.num_points] * t.num_levels
-
-
-# ---------------------------------------------------------------- widgets, driven from Python
-
-def test_dataset_browser(env):
-    ds = env["ds"]
-    b = DatasetBrowser(ds)
-    pngs = {b.image.value}
-    for i in range(len(ds)):
-        b.index.value = i
-        assert b.state["index"] == i and b.state["boxes"] == len(ds.coco.getAnnIds(imgIds=[ds.ids[i]]))
-        assert len(b.figure.axes[0].patches) == b.state["boxes"]
-        assert f"id {ds.ids[i]}" in b.state["title"] and b.caption.value.startswith("<b>image")
-        pngs.add(b.image.value)
-    assert len(pngs) == len(ds) and b.renders == len(ds)  # index 0 set again does not re-render
-    b.classes.value = ()
-    assert b.state["boxes"] == 0 and len(b.figure.axes[0].patches) == 0
-    assert b.image.value[:4] == b"\x89PNG"
-    assert "application/vnd.jupyter.widget-view+json" in b._repr_mimebundle_()
-
-
-def test_prediction_explorer(env):
-    model, ds = env["model"], env["ds"]
-    calls = []
-    h = model.register_forward_hook(lambda *a: calls.append(1))
-    try:
-        pe = PredictionExplorer(model, ds, score_thr=0.0)
-        det = detect(model, ds, 0)
-        counts = []
-        for thr in (0.0, float(det["scores"][20]), float(det["scores"][3]), 1.0):
-            pe.score.value = thr
-            counts.append(pe.state["detections"])
-            assert counts[-1] == int((det["scores"] >= thr).sum())
-        assert counts == sorted(counts, reverse=True) and counts[-1] <= 1
-        pe.score.value = 0.0
-        pe.classes.value = (1, 2)
-        assert set(pe.state["labels"]) <= {1, 2}
-        assert pe.state["detections"] == int(torch.isin(det["labels"], torch.tensor([1, 2])).sum())
-        pe.show_gt.value = False
-        assert pe.state["gt_boxes"] == 0 and len(pe.figure.axes[0].patches) == pe.state["detections"]
-        pe.index.value = 2
-        assert pe.state["index"] == 2
-    finally: h.remove()
-    assert len(calls) == 3  # image 0 in the explorer, image 0 for `det`, image 2: sliders reuse the cache
-
-
-def test_assignment_explorer(env, asg):
-    ae = AssignmentExplorer(env["model"], env["ds"])
-    assert ae.state["counts"] == asg[0].counts() and len(ae.figure.axes) == len(PANEL_ORDER)
-    ae.panels.value = ("rpn",)
-    assert len(ae.figure.axes) == 1 and list(ae.state["counts"]) == ["rpn"]
-    ae.index.value = 1
-    assert ae.state["counts"] == {"rpn": asg[1].counts()["rpn"]}
-    n = ae.renders
-    ae.seed.value = 3
-    assert ae.renders == n + 1 and (1, 3) in ae._cache
-
-
-def test_sampling_explorer(env):
-    se = SamplingExplorer(env["model"], env["ds"])
-    samp = se.sampling(0)
-    assert se.state["query"] == int(samp.scores.argmax()) and se.state["layer"] == samp.num_layers - 1
-    t = env["cfg"].transformer
-    assert se.state["points"] == t.num_heads * t.num_levels * t.num_points
-    picks = [q for _, q in se.best.options]
-    assert picks == samp.scores.argsort(descending=True)[:10].tolist()
-    se.best.value = picks[3]
-    assert se.query.value == picks[3] and se.state["query"] == picks[3]
-    se.layer.value = 0
-    assert se.state["title"].startswith(f"layer 0, query {picks[3]}")
-    se.index.value = 3
-    assert se.best.value is None and se.best.options[0][1] == int(se.sampling(3).scores.argmax())
-    assert se.state["index"] == 3
 
 
 def test_explorer_model_from_checkpoint(env, tmp_path):

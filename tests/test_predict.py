@@ -24,7 +24,7 @@ from codetr.predict import (ClassMapping, Predictor, annotate, checkpoint_num_cl
                             identity_class_mapping, image_files, load_predictor, main, predict_files, read_weights,
                             resolve_config, stored_class_mapping)
 from codetr.synthetic import SYNTHETIC_CATEGORY_IDS, SYNTHETIC_CLASSES, make_synthetic_coco
-from codetr.train import export_safetensors
+from codetr.run_state import export_safetensors
 
 REPO = Path(__file__).resolve().parents[1]
 

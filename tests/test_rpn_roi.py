@@ -1,4 +1,4 @@
-"""codetr.rpn_roi (auxiliary head 0: RPN + Faster R-CNN RoI head) against naive references and hand-computed cases."""
+"""codetr.rpn and codetr.rpn_roi (auxiliary head 0: RPN + RoI head) against naive references and hand-computed cases."""
 import math
 
 import numpy as np
@@ -9,10 +9,10 @@ from hypothesis import given, settings, strategies as st
 from torchvision.ops import box_iou as tv_box_iou, generalized_box_iou as tv_giou, nms as tv_nms, roi_align
 
 from codetr.anchors import CO_DEF_STRIDES, roi_box_coder, rpn_box_coder
-from codetr.rpn_roi import (RCNN_SAMPLING, RPN_SAMPLING, RPN_TRAIN_PROPOSALS, MaxIoUSampling, ProposalCfg,
-                            RCNNTestCfg, RoIHead, RPNHead, RPNRoIHead, Shared2FCBBoxHead, assign_and_sample,
-                            boxes_to_rois, flatten_levels, multiclass_nms, rcnn_loss, rcnn_positive_coords,
-                            roi_extract, roi_levels, rpn_loss, rpn_proposals_single, rpn_targets_single, sample_rois)
+from codetr.rpn import (RCNN_SAMPLING, RPN_SAMPLING, RPN_TRAIN_PROPOSALS, MaxIoUSampling, ProposalCfg, RPNHead,
+                        assign_and_sample, flatten_levels, rpn_loss, rpn_proposals_single, rpn_targets_single)
+from codetr.rpn_roi import (RCNNTestCfg, RoIHead, RPNRoIHead, Shared2FCBBoxHead, boxes_to_rois, multiclass_nms,
+                            rcnn_loss, rcnn_positive_coords, roi_extract, roi_levels, sample_rois)
 
 K = 3  # classes in most tests
 LOSS_KEYS = {"loss_rpn_cls", "loss_rpn_bbox", "loss_cls0", "loss_bbox0", "acc0"}

@@ -28,9 +28,10 @@ from codetr.data import AugConfig, build_dataset
 from codetr.dist import reduce_mean
 from codetr.evaluate import safe_load
 from codetr.synthetic import make_synthetic_coco
-from codetr.train import (EpochSampler, SeededDataset, Trainer, build_optimizer, build_scheduler, clip_gradients,
-                          export_safetensors, latest_checkpoint, list_checkpoints, load_checkpoint, lr_mult_for, main,
-                          rng_state, save_checkpoint, set_rng_state)
+from codetr.run_state import (EpochSampler, SeededDataset, build_optimizer, build_scheduler, clip_gradients,
+                              export_safetensors, latest_checkpoint, list_checkpoints, load_checkpoint, lr_mult_for,
+                              rng_state, save_checkpoint, set_rng_state)
+from codetr.train import Trainer, main
 
 TESTS = Path(__file__).resolve().parent
 SMALL_AUG = AugConfig(scales=(48, 56, 64), max_size=96, crop_scales=(48,), crop_max_size=96, crop_range=(32, 48),

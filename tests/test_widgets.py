@@ -1,0 +1,97 @@
+"""Tests for codetr.widgets without a browser: each explorer driven from Python (set a control's value, check what
+was re-rendered) against the codetr.explore helpers it draws with."""
+from dataclasses import replace
+
+import pytest
+import torch
+
+from codetr.explore import PANEL_ORDER, decoder_sampling, detect, explorer_model, head_assignments, open_dataset
+from codetr.synthetic import make_synthetic_coco
+from codetr.widgets import AssignmentExplorer, DatasetBrowser, PredictionExplorer, SamplingExplorer
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    work = tmp_path_factory.mktemp("widgets")
+    synth = make_synthetic_coco(work / "synthetic", n_train=0, n_val=4, min_size=80, max_size=112, seed=5)
+    model, cfg = explorer_model(seed=0)
+    cfg = replace(cfg, aug=cfg.aug.scaled(0.5))
+    ds = open_dataset(synth.val_images, synth.val_json, aug=cfg.aug)
+    return dict(work=work, synth=synth, model=model, cfg=cfg, ds=ds)
+
+
+@pytest.fixture(scope="module")
+def asg(env):
+    return [head_assignments(env["model"], env["ds"], i, seed=0) for i in range(2)]
+
+
+def test_dataset_browser(env):
+    ds = env["ds"]
+    b = DatasetBrowser(ds)
+    pngs = {b.image.value}
+    for i in range(len(ds)):
+        b.index.value = i
+        assert b.state["index"] == i and b.state["boxes"] == len(ds.coco.getAnnIds(imgIds=[ds.ids[i]]))
+        assert len(b.figure.axes[0].patches) == b.state["boxes"]
+        assert f"id {ds.ids[i]}" in b.state["title"] and b.caption.value.startswith("<b>image")
+        pngs.add(b.image.value)
+    assert len(pngs) == len(ds) and b.renders == len(ds)  # index 0 set again does not re-render
+    b.classes.value = ()
+    assert b.state["boxes"] == 0 and len(b.figure.axes[0].patches) == 0
+    assert b.image.value[:4] == b"\x89PNG"
+    assert "application/vnd.jupyter.widget-view+json" in b._repr_mimebundle_()
+
+
+def test_prediction_explorer(env):
+    model, ds = env["model"], env["ds"]
+    calls = []
+    h = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        pe = PredictionExplorer(model, ds, score_thr=0.0)
+        det = detect(model, ds, 0)
+        counts = []
+        for thr in (0.0, float(det["scores"][20]), float(det["scores"][3]), 1.0):
+            pe.score.value = thr
+            counts.append(pe.state["detections"])
+            assert counts[-1] == int((det["scores"] >= thr).sum())
+        assert counts == sorted(counts, reverse=True) and counts[-1] <= 1
+        pe.score.value = 0.0
+        pe.classes.value = (1, 2)
+        assert set(pe.state["labels"]) <= {1, 2}
+        assert pe.state["detections"] == int(torch.isin(det["labels"], torch.tensor([1, 2])).sum())
+        pe.show_gt.value = False
+        assert pe.state["gt_boxes"] == 0 and len(pe.figure.axes[0].patches) == pe.state["detections"]
+        pe.index.value = 2
+        assert pe.state["index"] == 2
+    finally: h.remove()
+    assert len(calls) == 3  # image 0 in the explorer, image 0 for `det`, image 2: sliders reuse the cache
+
+
+def test_assignment_explorer(env, asg):
+    ae = AssignmentExplorer(env["model"], env["ds"])
+    assert ae.state["counts"] == asg[0].counts() and len(ae.figure.axes) == len(PANEL_ORDER)
+    ae.panels.value = ("rpn",)
+    assert len(ae.figure.axes) == 1 and list(ae.state["counts"]) == ["rpn"]
+    ae.index.value = 1
+    assert ae.state["counts"] == {"rpn": asg[1].counts()["rpn"]}
+    n = ae.renders
+    ae.seed.value = 3
+    assert ae.renders == n + 1 and (1, 3) in ae._cache
+
+
+def test_sampling_explorer(env):
+    se = SamplingExplorer(env["model"], env["ds"])
+    samp = se.sampling(0)
+    torch.testing.assert_close(samp.scores, decoder_sampling(env["model"], env["ds"], 0).scores)  # the helper's view
+    assert se.state["query"] == int(samp.scores.argmax()) and se.state["layer"] == samp.num_layers - 1
+    t = env["cfg"].transformer
+    assert se.state["points"] == t.num_heads * t.num_levels * t.num_points
+    picks = [q for _, q in se.best.options]
+    assert picks == samp.scores.argsort(descending=True)[:10].tolist()
+    se.best.value = picks[3]
+    assert se.query.value == picks[3] and se.state["query"] == picks[3]
+    se.layer.value = 0
+    assert se.state["title"].startswith(f"layer 0, query {picks[3]}")
+    se.index.value = 3
+    assert se.best.value is None and se.best.options[0][1] == int(se.sampling(3).scores.argmax())
+    assert se.state["index"] == 3

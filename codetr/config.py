@@ -166,7 +166,7 @@ def deformable_detr_r50_1x_coco(num_classes: int = 80) -> CoDETRConfig:
                    pos_queries=replace(PositiveQueryConfig(), enabled=False))
 
 def co_deformable_detr_tiny(num_classes: int = 6) -> CoDETRConfig:
-    "A small Co-Deformable-DETR for CPUs, trained from scratch: 5 epochs on the synthetic set, images at 0.2 x the official sizes, no crops."
+    "A small Co-Deformable-DETR for CPUs, trained from scratch: 6 epochs on the synthetic set, images at 0.2 x the official sizes, no crops."
     return CoDETRConfig(
         name="co_deformable_detr_tiny", num_classes=num_classes,
         backbone=BackboneConfig(depth=18, frozen_stages=-1, norm_eval=False, weights=None), neck_out_channels=64,
@@ -176,7 +176,7 @@ def co_deformable_detr_tiny(num_classes: int = 6) -> CoDETRConfig:
         pos_queries=replace(PositiveQueryConfig(), max_pos_coords=50),
         rpn=replace(RPNConfig(), nms_pre=500, max_per_img=200, num_samples=128),
         roi=replace(RoIConfig(), fc_dims=256, num_samples=128),
-        optim=replace(OptimConfig(), lr=1e-3, epochs=5, lr_steps=(4,), batch_size=4,
+        optim=replace(OptimConfig(), lr=1e-3, epochs=6, lr_steps=(5,), batch_size=4,
                       lr_mult=(("backbone", 1.0), ("sampling_offsets", 0.1), ("reference_points", 0.1))),
         aug=replace(AugConfig().scaled(0.2), policy_b_prob=0.0))  # short runs learn faster without the crop policy
 

@@ -33,9 +33,10 @@ setuptools.setup(
     url=cfg["git_url"],
     keywords=cfg["keywords"],
     python_requires=">=" + cfg["min_python"],
-    packages=setuptools.find_packages(include=["codetr", "codetr.*"]),
-    # The CUDA sources ship inside the wheel so an installed codetr finds them (see codetr.cuda.kernel_dir).
-    package_data={"codetr": ["kernels/*.cu", "kernels/*.h"]},
+    # codetr/kernels holds data only (the CUDA sources, shipped in the wheel so an installed codetr finds them, see
+    # codetr.cuda.kernel_dir); it is listed as a package so setuptools includes it without a warning.
+    packages=setuptools.find_packages(include=["codetr", "codetr.*"]) + ["codetr.kernels"],
+    package_data={"codetr.kernels": ["*.cu", "*.h"]},
     include_package_data=True,
     install_requires=requirements,
     extras_require=extras,

@@ -259,7 +259,7 @@ def test_kernel_sources_are_found_and_shipped(monkeypatch, tmp_path):
     assert kernel_names("ms_deform_attn") == ["ms_deform_attn_forward", "ms_deform_attn_backward_value",
                                               "ms_deform_attn_backward_sampling"]
     setup = (folder.parent / "setup.py").read_text()
-    assert '"kernels/*.cu", "kernels/*.h"' in setup and 'copytree("kernels"' in setup  # the wheel carries them
+    assert '"codetr.kernels": ["*.cu", "*.h"]' in setup and 'copytree("kernels"' in setup  # the wheel carries them
     (tmp_path / "cpu_shim.h").write_text("")
     monkeypatch.setenv("CODETR_KERNEL_DIR", str(tmp_path))
     assert kernel_dir() == tmp_path

@@ -32,8 +32,8 @@ from .viz import class_color, draw_boxes, to_hwc_uint8
 
 # %% auto 0
 __all__ = ['PANEL_ORDER', 'open_dataset', 'explorer_model', 'ImageView', 'gt_view', 'class_counts', 'detect', 'filter_detections',
-           'Panel', 'Assignments', 'head_assignments', 'show_assignments', 'SamplingRecord', 'capture_sampling',
-           'DecoderSampling', 'decoder_sampling', 'show_sampling']
+           'Panel', 'Assignments', 'head_assignments', 'axes_grid', 'show_assignments', 'SamplingRecord',
+           'capture_sampling', 'DecoderSampling', 'decoder_sampling', 'show_sampling']
 
 # %% ../nbs/23_explore.ipynb
 def open_dataset(img_folder: str | Path | None = None, # image folder; the synthetic validation set when None
@@ -227,7 +227,8 @@ def head_assignments(model: CoDETR, dataset: CocoDetection, index: int, seed: in
                        [tuple(p.shape[-2:]) for p in pyramid])
 
 # %% ../nbs/23_explore.ipynb
-def _axes(n: int, ncols: int, cell: float) -> tuple[Figure, list]:
+def axes_grid(n: int, ncols: int, cell: float) -> tuple[Figure, list]:
+    "A figure with `n` axes in rows of `ncols`, each `cell` inches square (also used by `codetr.widgets`)."
     ncols = max(1, min(ncols, n))
     nrows = -(-n // ncols)
     fig = Figure(figsize=(cell * ncols, cell * nrows), dpi=80)
@@ -240,7 +241,7 @@ def show_assignments(asg: Assignments, panels: Sequence[str] | None = None, # wh
                      class_names: Sequence[str] | None = None, ncols: int = 3, cell: float = 3.0) -> Figure:
     "The chosen heads' positives on the image, one panel per head."
     keys = [k for k in (panels or list(asg.panels)) if k in asg.panels]
-    fig, axes = _axes(max(len(keys), 1), ncols, cell)
+    fig, axes = axes_grid(max(len(keys), 1), ncols, cell)
     for ax, key in zip(axes, keys):
         p = asg.panels[key]
         ax.imshow(asg.image)
@@ -330,7 +331,7 @@ def show_sampling(samp: DecoderSampling, layer: int, query: int, class_names: Se
     if not 0 <= layer < samp.num_layers: raise IndexError(f"layer {layer} out of range (0..{samp.num_layers - 1})")
     if not 0 <= query < samp.num_queries: raise IndexError(f"query {query} out of range (0..{samp.num_queries - 1})")
     L, M = samp.spatial_shapes.shape[0], samp.weights.shape[2]
-    fig, axes = _axes(L, L, cell)
+    fig, axes = axes_grid(L, L, cell)
     h, w = samp.image.shape[:2]
     ref = box_cxcywh_to_xyxy(samp.references_cxcywh[layer, query]) * torch.tensor([w, h, w, h])  # (4,)
     colors = [class_color(2 * m + 1) for m in range(M)]

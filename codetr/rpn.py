@@ -21,8 +21,8 @@ from .losses import binary_cross_entropy, l1_loss
 
 # %% auto 0
 __all__ = ['RPN_SAMPLING', 'RCNN_SAMPLING', 'RPN_TRAIN_PROPOSALS', 'RPN_TEST_PROPOSALS', 'MaxIoUSampling', 'ProposalCfg',
-           'assign_and_sample', 'flatten_levels', 'RPNHead', 'RPNTargets', 'rpn_targets_single', 'rpn_loss',
-           'rpn_proposals_single']
+           'assign_and_sample', 'flatten_levels', 'check_pyramid', 'RPNHead', 'RPNTargets', 'rpn_targets_single',
+           'rpn_loss', 'rpn_proposals_single']
 
 # %% ../nbs/12a_rpn.ipynb
 @dataclass(frozen=True)
@@ -71,7 +71,8 @@ def flatten_levels(maps: list[Tensor], # per level (B, A * D, H, W) dense head o
     "Flatten dense per-level outputs in the anchor order of `grid_priors`."
     return torch.cat([m.permute(0, 2, 3, 1).reshape(m.shape[0], -1, d) for m in maps], 1)  # (B, S, D)
 
-def _check_pyramid(name: str, pyramid: list[Tensor], levels: int, channels: int):
+def check_pyramid(name: str, pyramid: list[Tensor], levels: int, channels: int):
+    "Raise a ValueError naming `name` unless `pyramid` has `levels` (B, `channels`, H, W) maps (also used by the RoI head)."
     if len(pyramid) < levels or any(p.ndim != 4 or p.shape[1] != channels for p in pyramid[:levels]):
         got = [tuple(p.shape) for p in pyramid]
         raise ValueError(f"{name}: pyramid must hold at least {levels} maps (B, {channels}, H, W), got {got}")
@@ -116,7 +117,7 @@ class RPNHead(nn.Module):
     def forward(self, pyramid: list[Tensor] # per level (B, C, H, W)
                ) -> tuple[list[Tensor], list[Tensor]]: # per level logits (B, A, H, W) and deltas (B, 4A, H, W)
         "Objectness logits and box deltas on every pyramid map."
-        _check_pyramid("RPNHead", pyramid, self.num_levels, self.in_channels)
+        check_pyramid("RPNHead", pyramid, self.num_levels, self.in_channels)
         feats = [F.relu(self.rpn_conv(p)) for p in pyramid[:self.num_levels]]  # (B, C, H, W) each
         return [self.rpn_cls(f) for f in feats], [self.rpn_reg(f) for f in feats]
 

@@ -17,7 +17,7 @@ from fastcore.basics import patch
 from .anchors import DeltaXYWHBBoxCoder, roi_box_coder
 from .dist import reduce_mean
 from .losses import cross_entropy, giou_loss
-from .rpn import RCNN_SAMPLING, MaxIoUSampling, RPNHead, _check_pyramid, assign_and_sample
+from .rpn import RCNN_SAMPLING, MaxIoUSampling, RPNHead, check_pyramid, assign_and_sample
 from .structures import PositiveCoords
 
 # %% auto 0
@@ -177,7 +177,7 @@ class RoIHead(nn.Module):
 
     def extract(self, pyramid: list[Tensor], rois: Tensor) -> Tensor:
         "(R, C, 7, 7) RoIAlign features of `rois` (R, 5) from the first maps of `pyramid`."
-        _check_pyramid("RoIHead", pyramid, len(self.strides), self.in_channels)
+        check_pyramid("RoIHead", pyramid, len(self.strides), self.in_channels)
         return roi_extract(pyramid[:len(self.strides)], rois, self.strides, self.roi_size, self.finest_scale)
 
     def forward_train(self,

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from .data import CocoDetection
-from .explore import (Assignments, DecoderSampling, _axes, class_counts, decoder_sampling, detect,
+from .explore import (Assignments, DecoderSampling, axes_grid, class_counts, decoder_sampling, detect,
                             filter_detections, gt_view, head_assignments, show_assignments, show_sampling)
 from .model import CoDETR
 from .viz import draw_boxes
@@ -80,7 +80,7 @@ class DatasetBrowser(Explorer):
 
     def draw(self) -> tuple[Figure, dict]:
         v = gt_view(self.dataset, self.index.value, self.classes.value)
-        fig, (ax,) = _axes(1, 1, self.cell)
+        fig, (ax,) = axes_grid(1, 1, self.cell)
         ax.imshow(v.image)
         n = len(draw_boxes(ax, v.boxes_xyxy, v.labels, class_names=self.dataset.class_names))
         ax.set_axis_off()
@@ -110,7 +110,7 @@ class PredictionExplorer(Explorer):
         i, classes = self.index.value, self.classes.value
         det = filter_detections(self.detections(i), self.score.value, classes)
         v = gt_view(self.dataset, i, classes)
-        fig, (ax,) = _axes(1, 1, self.cell)
+        fig, (ax,) = axes_grid(1, 1, self.cell)
         ax.imshow(v.image)
         if self.show_gt.value: draw_boxes(ax, v.boxes_xyxy, v.labels, show_text=False)
         n = len(draw_boxes(ax, det["boxes"], det["labels"], det["scores"], self.dataset.class_names, linestyle="--"))

@@ -210,7 +210,7 @@ def head_assignments(model: CoDETR, dataset: CocoDetection, index: int, seed: in
         batch = collate([dataset[index]]).to(_device(model))
         tg = batch.targets[0]
         img_sizes, pad_hw = [tuple(tg["img_size"])], tuple(batch.images.shape[-2:])
-        outputs = model.query_head(model.neck(model.backbone(batch.images)), batch.pad_mask)
+        outputs = model.query_outputs(batch.images, batch.pad_mask)
         panels = {"detr": _detr_panel(model, outputs, tg["labels"], tg["boxes"], img_sizes[0])}
         pyramid = model.query_head.pyramid(outputs) if len(model.aux_heads) else []
         for head in model.aux_heads:
@@ -313,7 +313,7 @@ def decoder_sampling(model: CoDETR, dataset: CocoDetection, index: int) -> Decod
         batch = collate([dataset[index]]).to(_device(model))
         layers = [layer.cross_attn for layer in model.query_head.transformer.decoder.layers]
         with capture_sampling(layers) as records:
-            outputs = model.query_head(model.neck(model.backbone(batch.images)), batch.pad_mask)
+            outputs = model.query_outputs(batch.images, batch.pad_mask)
     h, w = batch.targets[0]["img_size"]
     L = records[0].spatial_shapes.shape[0]
     scores, labels = outputs.pred_logits[0].sigmoid().max(-1)  # (Q,), (Q,)

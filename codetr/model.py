@@ -112,12 +112,16 @@ class CoDETR(nn.Module):
         "Losses in training mode, detections (boxes xyxy in original pixels, scores, labels) in eval mode."
         images, pad_mask = self._batch(images, pad_mask)
         img_sizes = self._img_sizes(targets, pad_mask)
-        outputs = self.query_head(self.neck(self.backbone(images)), pad_mask)
+        outputs = self.query_outputs(images, pad_mask)
         if not self.training:
             orig = [tuple(t.get("orig_size", s)) for t, s in zip(targets, img_sizes)] if targets else img_sizes
             return self.query_head.predict(outputs, img_sizes, orig, top_k=self.cfg.head.test_top_k)
         if targets is None: raise ValueError("CoDETR.forward: targets are required in training mode")
         return self._losses(outputs, targets, img_sizes, tuple(images.shape[-2:]))
+
+    def query_outputs(self, images: Tensor, pad_mask: Tensor):
+        "Backbone, neck and query head on a padded batch: the decoder's outputs, before any loss or post-processing."
+        return self.query_head(self.neck(self.backbone(images)), pad_mask)
 
     def _batch(self, images, pad_mask):
         if isinstance(images, Tensor) and images.ndim == 4:

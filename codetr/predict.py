@@ -224,7 +224,8 @@ def _image_ids(files: list[Path], ann_file: str | os.PathLike | None) -> list[in
     known = {}
     if ann_file is not None: known = {Path(i["file_name"]).name: int(i["id"]) for i in read_coco_json(ann_file)["images"]}
     ids = [known.get(f.name) for f in files]
-    free = iter(i for i in range(1, len(files) + len(known) + 2) if i not in set(known.values()))
+    taken = set(known.values())
+    free = iter(i for i in range(1, len(files) + len(known) + 2) if i not in taken)
     return [i if i is not None else next(free) for i in ids]
 
 def _out_name(stem: str, used: set[str]) -> str:

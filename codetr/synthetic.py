@@ -319,9 +319,12 @@ def default_data_dir() -> Path:
     env = os.environ.get("CODETR_DATA_DIR")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "codetr"
 
-def synthetic_dataset(root: str | Path | None = None) -> SyntheticPaths:
-    "The default synthetic set (512 train, 128 val images), generated on first use."
-    return make_synthetic_coco(root if root is not None else default_data_dir() / "synthetic")
+def synthetic_dataset(root: str | Path | None = None, # folder; default `default_data_dir()` / a name from the sizes
+                      n_train: int = 512, n_val: int = 128) -> SyntheticPaths:
+    "The synthetic set (512 train, 128 val images by default), generated on first use; other sizes get their own folder."
+    if root is None:
+        root = default_data_dir() / ("synthetic" if (n_train, n_val) == (512, 128) else f"synthetic_{n_train}_{n_val}")
+    return make_synthetic_coco(root, n_train=n_train, n_val=n_val)
 
 # %% ../nbs/02_synthetic.ipynb
 def _load_coco_json(ann_file: str | Path) -> dict:

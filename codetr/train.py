@@ -102,8 +102,7 @@ class Trainer:
         self._stop, self._committing = False, False
         self.log_path = self.work_dir / "log.jsonl"
         # the training set's class mapping goes into every checkpoint, so a checkpoint alone can name its detections
-        self.classes = {k: [v.item() if hasattr(v, "item") else v for v in getattr(train_set, k)]
-                        for k in ("label_to_cat_id", "class_names") if hasattr(train_set, k)}
+        self.classes = {k: list(getattr(train_set, k)) for k in ("label_to_cat_id", "class_names") if hasattr(train_set, k)}
 
     @property
     def batches_per_epoch(self) -> int: return math.ceil(self.sampler.num_samples / self.cfg.optim.batch_size)

@@ -42,9 +42,8 @@ def parse_args(argv=None):
 
 
 def synthetic_paths(n_train: int, n_val: int):
-    from codetr.synthetic import default_data_dir, make_synthetic_coco
-    name = "synthetic" if (n_train, n_val) == (512, 128) else f"synthetic_{n_train}_{n_val}"
-    return make_synthetic_coco(default_data_dir() / name, n_train=n_train, n_val=n_val)
+    from codetr.synthetic import synthetic_dataset
+    return synthetic_dataset(n_train=n_train, n_val=n_val)
 
 
 def run_one(args, data, preset: str, seed: int) -> dict:

@@ -2,7 +2,6 @@
 positives against the assignment rules they must satisfy, the sampling hook against the op's reference
 implementation, and loading a checkpoint (the widgets are tested in test_widgets.py)."""
 import json
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,28 +16,22 @@ from codetr.explore import (PANEL_ORDER, capture_sampling, class_counts, decoder
                             show_sampling)
 from codetr.msda import ms_deform_attn_reference
 from codetr.predict import Predictor, identity_class_mapping
-from codetr.synthetic import make_synthetic_coco
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    work = tmp_path_factory.mktemp("explore")
-    synth = make_synthetic_coco(work / "synthetic", n_train=0, n_val=4, min_size=80, max_size=112, seed=5)
-    model, cfg = explorer_model(seed=0)
-    cfg = replace(cfg, aug=cfg.aug.scaled(0.5))
-    ds = open_dataset(synth.val_images, synth.val_json, aug=cfg.aug)
+def env(explorer_env):
+    work, synth, cfg = explorer_env["work"], explorer_env["synth"], explorer_env["cfg"]
     # the same images with the annotations of image 0 removed: an image without boxes
     data = json.loads(synth.val_json.read_text())
     first = min(i["id"] for i in data["images"])
     data["annotations"] = [a for a in data["annotations"] if a["image_id"] != first]
     (work / "empty.json").write_text(json.dumps(data))
     empty = open_dataset(synth.val_images, work / "empty.json", aug=cfg.aug)
-    return dict(work=work, synth=synth, model=model, cfg=cfg, ds=ds, empty=empty)
+    return dict(explorer_env, empty=empty)
 
 
 @pytest.fixture(scope="module")
-def asg(env):
-    return [head_assignments(env["model"], env["ds"], i, seed=0) for i in range(2)]
+def asg(explorer_asg): return explorer_asg
 
 
 # ---------------------------------------------------------------- data set browsing

@@ -1,28 +1,18 @@
 """Tests for codetr.widgets without a browser: each explorer driven from Python (set a control's value, check what
 was re-rendered) against the codetr.explore helpers it draws with."""
-from dataclasses import replace
-
 import pytest
 import torch
 
-from codetr.explore import PANEL_ORDER, decoder_sampling, detect, explorer_model, head_assignments, open_dataset
-from codetr.synthetic import make_synthetic_coco
+from codetr.explore import PANEL_ORDER, decoder_sampling, detect
 from codetr.widgets import AssignmentExplorer, DatasetBrowser, PredictionExplorer, SamplingExplorer
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    work = tmp_path_factory.mktemp("widgets")
-    synth = make_synthetic_coco(work / "synthetic", n_train=0, n_val=4, min_size=80, max_size=112, seed=5)
-    model, cfg = explorer_model(seed=0)
-    cfg = replace(cfg, aug=cfg.aug.scaled(0.5))
-    ds = open_dataset(synth.val_images, synth.val_json, aug=cfg.aug)
-    return dict(work=work, synth=synth, model=model, cfg=cfg, ds=ds)
+def env(explorer_env): return explorer_env
 
 
 @pytest.fixture(scope="module")
-def asg(env):
-    return [head_assignments(env["model"], env["ds"], i, seed=0) for i in range(2)]
+def asg(explorer_asg): return explorer_asg
 
 
 def test_dataset_browser(env):

@@ -27,7 +27,7 @@ run: $(STAMP)
 	@mkdir -p $(RUN_DIR)
 	$(BIN)/papermill nbs/runs/train.ipynb $(RUN_DIR)/train.ipynb --cwd . -k python3 -p SMOKE False \
 	  -p WORK_DIR $(RUN_DIR) -p NPROC $(RUN_NPROC) -p BATCH_SIZE $$((4 / $(RUN_NPROC))) -p NUM_THREADS $(RUN_THREADS)
-	@$(BIN)/python -c "import json, sys; from codetr.evaluate import ap_table; \
+	@$(BIN)/python -c "import json, sys; from codetr.engine.evaluate import ap_table; \
 	  print(ap_table(json.load(open(sys.argv[1])))); print('run folder:', sys.argv[2])" $(RUN_DIR)/metrics.json $(RUN_DIR)
 
 ## The whole test suite: package and notebooks in sync, every notebook runs, pytest over tests/.

@@ -17,7 +17,7 @@ extras = {
 }
 readme = Path("README.md")
 # The CUDA sources live in kernels/ (next to the package in a checkout); the wheel ships a copy as codetr/kernels/
-# (git-ignored), which is where codetr.cuda.kernel_dir looks in an installed package.
+# (git-ignored), which is where codetr.ops.cuda.kernel_dir looks in an installed package.
 if Path("kernels").is_dir():
     shutil.copytree("kernels", Path(cfg["lib_path"]) / "kernels", dirs_exist_ok=True)
 
@@ -34,7 +34,7 @@ setuptools.setup(
     keywords=cfg["keywords"],
     python_requires=">=" + cfg["min_python"],
     # codetr/kernels holds data only (the CUDA sources, shipped in the wheel so an installed codetr finds them, see
-    # codetr.cuda.kernel_dir); it is listed as a package so setuptools includes it without a warning.
+    # codetr.ops.cuda.kernel_dir); it is listed as a package so setuptools includes it without a warning.
     packages=setuptools.find_packages(include=["codetr", "codetr.*"]) + ["codetr.kernels"],
     package_data={"codetr.kernels": ["*.cu", "*.h"]},
     include_package_data=True,

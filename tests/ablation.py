@@ -3,7 +3,7 @@
 Trains `co_deformable_detr_tiny` and `deformable_detr_tiny` (the same model without the auxiliary heads and the
 customized positive queries) with the same budget (epochs, batch size, learning-rate schedule, data order) on the
 embedded synthetic set, for several seeds each, evaluates every run on the synthetic validation set and tables the
-COCO box AP as mean +- std over the seeds. Every run is `python -m codetr.train` in its own process; finished runs
+COCO box AP as mean +- std over the seeds. Every run is `python -m codetr.engine.train` in its own process; finished runs
 (their metrics.json exists) are reused, so an interrupted ablation continues where it stopped.
 
     python tests/ablation.py --epochs 3                     # 2 presets x 3 seeds, the tiny preset's recipe
@@ -42,7 +42,7 @@ def parse_args(argv=None):
 
 
 def synthetic_paths(n_train: int, n_val: int):
-    from codetr.synthetic import synthetic_dataset
+    from codetr.data.synthetic import synthetic_dataset
     return synthetic_dataset(n_train=n_train, n_val=n_val)
 
 
@@ -51,7 +51,7 @@ def run_one(args, data, preset: str, seed: int) -> dict:
     work = Path(args.work_dir) / f"{preset}_seed{seed}"
     done = work / "metrics.json"
     if not done.is_file():
-        cmd = [sys.executable, "-m", "codetr.train", preset, "--train-images", str(data.train_images),
+        cmd = [sys.executable, "-m", "codetr.engine.train", preset, "--train-images", str(data.train_images),
                "--train-ann", str(data.train_json), "--val-images", str(data.val_images), "--val-ann", str(data.val_json),
                "--work-dir", str(work), "--seed", str(seed), "--num-workers", "0", "--no-progress",
                "--device", args.device, "--auto-resume"]

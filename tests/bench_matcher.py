@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from codetr.assigners import batch_match_cost, focal_cost, hungarian_match, hungarian_match_batch, match_cost
+from codetr.ops.assigners import batch_match_cost, focal_cost, hungarian_match, hungarian_match_batch, match_cost
 
 
 def median_ms(fn, repeats):

@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from codetr.cuda import cuda_available, cuda_unavailable_reason
-from codetr.msda import ms_deform_attn
+from codetr.ops.cuda import cuda_available, cuda_unavailable_reason
+from codetr.ops.msda import ms_deform_attn
 
 CPU_LEVELS = ((64, 64), (32, 32), (16, 16), (8, 8))
 GPU_LEVELS = ((100, 152), (50, 76), (25, 38), (13, 19))

@@ -43,8 +43,8 @@ def shared_data() -> Path:
 def explorer_env(tmp_path_factory):
     "A fresh tiny model, its config at half the test size, and 4 small synthetic validation images (explore, widgets)."
     from dataclasses import replace
-    from codetr.explore import explorer_model, open_dataset
-    from codetr.synthetic import make_synthetic_coco
+    from codetr.workbench.explore import explorer_model, open_dataset
+    from codetr.data.synthetic import make_synthetic_coco
     work = tmp_path_factory.mktemp("explorer")
     synth = make_synthetic_coco(work / "synthetic", n_train=0, n_val=4, min_size=80, max_size=112, seed=5)
     model, cfg = explorer_model(seed=0)
@@ -56,5 +56,5 @@ def explorer_env(tmp_path_factory):
 @pytest.fixture(scope="module")
 def explorer_asg(explorer_env):
     "`head_assignments` on images 0 and 1 with seed 0."
-    from codetr.explore import head_assignments
+    from codetr.workbench.explore import head_assignments
     return [head_assignments(explorer_env["model"], explorer_env["ds"], i, seed=0) for i in range(2)]

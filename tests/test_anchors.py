@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TvAnchorGenerator
 
-from codetr.anchors import (CO_DEF_STRIDES, CO_DINO_STRIDES, AnchorGenerator, DeltaXYWHBBoxCoder, anchor_inside_flags,
+from codetr.ops.anchors import (CO_DEF_STRIDES, CO_DINO_STRIDES, AnchorGenerator, DeltaXYWHBBoxCoder, anchor_inside_flags,
                             atss_anchor_generator, delta_xywh_decode, delta_xywh_encode, roi_box_coder,
                             rpn_anchor_generator, rpn_box_coder)
 

@@ -1,4 +1,4 @@
-"""codetr.assigners against naive loop references, brute force and hand-computed cases; properties and edge cases."""
+"""codetr.ops.assigners against naive loop references, brute force and hand-computed cases; properties and edge cases."""
 import itertools
 import math
 
@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from scipy.optimize import linear_sum_assignment
 
-from codetr.assigners import (AssignResult, add_gt_as_proposals, atss_assign, atss_thresholds, batch_match_cost, focal_cost,
+from codetr.ops.assigners import (AssignResult, add_gt_as_proposals, atss_assign, atss_thresholds, batch_match_cost, focal_cost,
                               hungarian_match, hungarian_match_batch, match_cost, max_iou_assign, pseudo_sample,
                               random_sample)
 

@@ -8,12 +8,12 @@ import torch.nn.functional as F
 import torchvision
 from hypothesis import given, settings, strategies as st
 
-import codetr.atss_head as atss_head_module
-from codetr.anchors import roi_box_coder
-from codetr.assigners import atss_assign
-from codetr.atss_head import CoATSSHead, Scale, flatten_levels, image_valid_flags
-from codetr.losses import binary_cross_entropy, centerness_target, sigmoid_focal_loss
-from codetr.structures import PositiveCoords
+import codetr.heads.atss as atss_head_module
+from codetr.ops.anchors import roi_box_coder
+from codetr.ops.assigners import atss_assign
+from codetr.heads.atss import CoATSSHead, Scale, flatten_levels, image_valid_flags
+from codetr.ops.losses import binary_cross_entropy, centerness_target, sigmoid_focal_loss
+from codetr.heads.base import PositiveCoords
 
 K = 3
 STRIDES = (8, 16, 32, 64, 128)
@@ -94,7 +94,7 @@ def oracle_assignment(pad_hw, img_hw, target, k=K):
 
 
 def oracle_losses(head, pyramid, targets, img_sizes, pad_hw):
-    "mmdet's computation, level by level, with codetr.losses, torchvision's GIoU and torch's BCE."
+    "mmdet's computation, level by level, with codetr.ops.losses, torchvision's GIoU and torch's BCE."
     cls_maps, delta_maps, ctr_maps = head(pyramid)
     rows = [oracle_assignment(pad_hw, hw, t) for t, hw in zip(targets, img_sizes)]
     anchors = rows[0][0]

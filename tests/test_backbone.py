@@ -1,4 +1,4 @@
-"""codetr.backbone: ResNet trunk and ChannelMapper neck against torchvision, the official key list (spec 8.2/8.3),
+"""codetr.backbones.resnet: ResNet trunk and ChannelMapper neck against torchvision, the official key list (spec 8.2/8.3),
 hand-computed parameter counts, freezing rules and weight loading."""
 import math
 
@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from codetr.backbone import RESNET_NAMES, ChannelMapper, ConvGN, ResNetBackbone, imagenet_state_dict
+from codetr.backbones.resnet import RESNET_NAMES, ChannelMapper, ConvGN, ResNetBackbone, imagenet_state_dict
 
 BLOCKS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3), "resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
 BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")

@@ -1,4 +1,4 @@
-"""codetr.box_ops against torchvision.ops, hand-computed cases and properties."""
+"""codetr.ops.box_ops against torchvision.ops, hand-computed cases and properties."""
 import math
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torchvision.ops as tvo
 from hypothesis import given, settings, strategies as st
 
-from codetr.box_ops import (box_area, box_convert, box_cxcywh_to_xyxy, box_iof, box_iou, box_iou_aligned,
+from codetr.ops.box_ops import (box_area, box_convert, box_cxcywh_to_xyxy, box_iof, box_iou, box_iou_aligned,
                             box_xywh_to_xyxy, box_xyxy_to_cxcywh, box_xyxy_to_xywh, clip_boxes,
                             generalized_box_iou, generalized_box_iou_aligned, inverse_sigmoid, scale_boxes)
 

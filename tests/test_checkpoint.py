@@ -6,10 +6,10 @@ import pytest
 import torch
 import torchvision
 
-from codetr.checkpoint import (from_official_key, from_official_state_dict, load_official, read_checkpoint,
+from codetr.engine.checkpoint import (from_official_key, from_official_state_dict, load_official, read_checkpoint,
                                to_official_key, to_official_state_dict)
-from codetr.config import co_deformable_detr_r50_1x_coco, co_deformable_detr_tiny, deformable_detr_r50_1x_coco
-from codetr.model import build_model, parameter_counts
+from codetr.models.config import co_deformable_detr_r50_1x_coco, co_deformable_detr_tiny, deformable_detr_r50_1x_coco
+from codetr.models.detector import build_model, parameter_counts
 
 
 def official_co_deformable_detr_r50_shapes(num_classes: int = 80) -> dict:

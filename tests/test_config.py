@@ -3,9 +3,9 @@ import dataclasses
 
 import pytest
 
-from codetr.config import (CoDETRConfig, co_deformable_detr_r50_1x_coco, co_deformable_detr_tiny,
+from codetr.models.config import (CoDETRConfig, co_deformable_detr_r50_1x_coco, co_deformable_detr_tiny,
                            deformable_detr_r50_1x_coco, deformable_detr_tiny, get_preset, loss_weight_table, override)
-from codetr.data import AugConfig
+from codetr.data.coco import AugConfig
 
 # Spec section -> (config path, official value)
 OFFICIAL = {

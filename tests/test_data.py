@@ -1,4 +1,4 @@
-"""Tests for codetr.data: COCO parsing, label mapping, image modes, bad input, augmentation geometry, collation."""
+"""Tests for codetr.data.coco: COCO parsing, label mapping, image modes, bad input, augmentation geometry, collation."""
 import contextlib
 import io
 import json
@@ -14,10 +14,10 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from codetr.data import (AugConfig, Batch, CocoDetection, DropEmptyBoxes, RandomCropAbsolute, RandomShortSideResize,
+from codetr.data.coco import (AugConfig, Batch, CocoDetection, DropEmptyBoxes, RandomCropAbsolute, RandomShortSideResize,
                          build_dataset, coco_paths, collate, detr_augmentation, eval_transforms, load_image,
                          read_coco_json, resized_hw, small_augmentation, to_coco_results, train_transforms)
-from codetr.viz import PIXEL_MEAN, PIXEL_STD
+from codetr.data.viz import PIXEL_MEAN, PIXEL_STD
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -449,7 +449,7 @@ def test_dataloader_end_to_end(small_coco):
 # the embedded synthetic set and real photos
 
 def test_synthetic_set_loads(tmp_path):
-    from codetr.synthetic import make_synthetic_coco
+    from codetr.data.synthetic import make_synthetic_coco
     paths = make_synthetic_coco(tmp_path / "s", n_train=6, n_val=3, min_size=64, max_size=96, seed=1)
     data = json.loads(paths.train_json.read_text())
     ds = CocoDetection(paths.train_images, paths.train_json)

@@ -1,4 +1,4 @@
-"""Tests of codetr.detr_head: shapes, Hungarian losses against brute force, positive queries, aux losses, predict, keys."""
+"""Tests of codetr.heads.detr: shapes, Hungarian losses against brute force, positive queries, aux losses, predict, keys."""
 import itertools
 import math
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 import torchvision.ops as tvo
 
-from codetr.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
-from codetr.detr_head import AuxQueries, CoDeformDETRHead, DETRHeadOutput
-from codetr.structures import PositiveCoords
-from codetr.transformer import CoDeformableTransformer
+from codetr.ops.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
+from codetr.heads.detr import AuxQueries, CoDeformDETRHead, DETRHeadOutput
+from codetr.heads.base import PositiveCoords
+from codetr.transformer.deformable import CoDeformableTransformer
 
 C, K = 32, 3
 LEVEL_HW = [(8, 10), (4, 5)]

@@ -1,11 +1,11 @@
-"""codetr.dist under a real 2-process gloo group on the CPU."""
+"""codetr.core.dist under a real 2-process gloo group on the CPU."""
 import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from codetr.dist import get_rank, get_world_size, is_main_process, reduce_mean
+from codetr.core.dist import get_rank, get_world_size, is_main_process, reduce_mean
 
 
 def _free_port() -> int:

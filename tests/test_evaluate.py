@@ -1,4 +1,4 @@
-"""Tests for codetr.evaluate: the canonical pycocotools check, per-class AP against COCOeval restricted to one
+"""Tests for codetr.engine.evaluate: the canonical pycocotools check, per-class AP against COCOeval restricted to one
 class, empty and invalid results, atomic run files, weights-only loading, evaluate() end to end and the CLI."""
 import contextlib
 import copy
@@ -13,12 +13,12 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
 
-from codetr.config import PRESETS, get_preset
-from codetr.data import AugConfig, build_dataset
-from codetr.evaluate import (STAT_NAMES, ap_table, atomic_write, coco_evaluate, config_from_dict, config_to_dict,
+from codetr.models.config import PRESETS, get_preset
+from codetr.data.coco import AugConfig, build_dataset
+from codetr.engine.evaluate import (STAT_NAMES, ap_table, atomic_write, coco_evaluate, config_from_dict, config_to_dict,
                              evaluate, load_state_dict_file, main, predict, safe_load, shard_loader, ShardSampler,
                              write_metrics)
-from codetr.synthetic import make_synthetic_coco
+from codetr.data.synthetic import make_synthetic_coco
 
 SMALL_AUG = AugConfig(scales=(48, 64), max_size=96, crop_scales=(48,), crop_max_size=96, crop_range=(32, 48),
                       test_scale=64, test_max_size=96)
@@ -93,7 +93,7 @@ def test_invalid_results_named():
 def test_atomic_write_and_metrics(tmp_path, monkeypatch):
     write_metrics(tmp_path, {"AP": 0.5}, [{"image_id": 1}])
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"AP": 0.5}
-    import codetr.evaluate as ev
+    import codetr.engine.evaluate as ev
     def boom(*a): raise OSError("no space left")
     monkeypatch.setattr(ev.os, "replace", boom)
     with pytest.raises(OSError, match="no space"): write_metrics(tmp_path, {"AP": 0.9})
@@ -192,7 +192,7 @@ def test_evaluate_cli(tmp_path, synth):
 
 def test_evaluate_cli_uses_the_checkpoint_config(tmp_path, synth):
     from dataclasses import replace
-    from codetr.evaluate import config_to_dict
+    from codetr.engine.evaluate import config_to_dict
     stored = replace(get_preset("co_deformable_detr_tiny"), lambda_2=3.0)
     torch.save({"model": AnswerReaderDouble().state_dict(), "config": config_to_dict(stored)}, tmp_path / "c.pt")
     seen = []

@@ -1,4 +1,4 @@
-"""Tests for codetr.explore without a browser: the helpers against pycocotools, scipy and brute force, every head's
+"""Tests for codetr.workbench.explore without a browser: the helpers against pycocotools, scipy and brute force, every head's
 positives against the assignment rules they must satisfy, the sampling hook against the op's reference
 implementation, and loading a checkpoint (the widgets are tested in test_widgets.py)."""
 import json
@@ -9,13 +9,13 @@ import torch
 from hypothesis import given, settings, strategies as st
 from scipy.optimize import linear_sum_assignment
 
-from codetr.assigners import match_cost
-from codetr.box_ops import box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh
-from codetr.explore import (PANEL_ORDER, capture_sampling, class_counts, decoder_sampling, detect, explorer_model,
+from codetr.ops.assigners import match_cost
+from codetr.ops.box_ops import box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh
+from codetr.workbench.explore import (PANEL_ORDER, capture_sampling, class_counts, decoder_sampling, detect, explorer_model,
                             filter_detections, gt_view, head_assignments, open_dataset, show_assignments,
                             show_sampling)
-from codetr.msda import ms_deform_attn_reference
-from codetr.predict import Predictor, identity_class_mapping
+from codetr.ops.msda import ms_deform_attn_reference
+from codetr.engine.predict import Predictor, identity_class_mapping
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_filter_detections_brute_force(n, thr, classes, seed):
 
 
 def test_detect_equals_predictor_on_the_file(env):
-    "Oracle: codetr.predict's Predictor on the image file gives the same detections in file pixels."
+    "Oracle: codetr.engine.predict's Predictor on the image file gives the same detections in file pixels."
     ds, model, cfg = env["ds"], env["model"], env["cfg"]
     p = Predictor(model, cfg, identity_class_mapping(cfg.num_classes))
     for i in (0, 3):
@@ -106,7 +106,7 @@ def test_panels_present_in_order(asg):
 def test_detr_matches_scipy(env, asg):
     "Oracle: scipy's linear_sum_assignment on the same cost matrix, from a separate forward pass."
     model, ds = env["model"], env["ds"]
-    from codetr.data import collate
+    from codetr.data.coco import collate
     for i, a in enumerate(asg):
         batch = collate([ds[i]])
         with torch.no_grad():
@@ -183,7 +183,7 @@ def test_show_assignments_draws_each_panel(asg):
 def test_hook_reproduces_every_layer_output(env):
     "Oracle: the recorded points and weights through the grid_sample reference give each layer's output."
     model, ds = env["model"], env["ds"]
-    from codetr.data import collate
+    from codetr.data.coco import collate
     batch = collate([ds[2]])
     layers = [l.cross_attn for l in model.query_head.transformer.decoder.layers]
     queries = []
@@ -235,7 +235,7 @@ def test_sampling_weights_and_errors(env):
 
 
 def test_explorer_model_from_checkpoint(env, tmp_path):
-    from codetr.evaluate import config_to_dict
+    from codetr.engine.evaluate import config_to_dict
     path = tmp_path / "ckpt.pt"
     torch.save({"model": env["model"].state_dict(), "config": config_to_dict(env["cfg"])}, path)
     m, c = explorer_model(path, ann_file=env["synth"].val_json)

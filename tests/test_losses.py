@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import torchvision
 from hypothesis import given, settings, strategies as st
 
-from codetr.losses import (binary_cross_entropy, centerness_target, cross_entropy, giou_loss, l1_loss,
+from codetr.ops.losses import (binary_cross_entropy, centerness_target, cross_entropy, giou_loss, l1_loss,
                            quality_focal_loss, sigmoid_focal_loss, weight_reduce_loss)
 
 EPS32 = torch.finfo(torch.float32).eps

@@ -4,8 +4,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from codetr.config import co_deformable_detr_tiny, deformable_detr_tiny, override
-from codetr.model import build_model, pad_images, total_loss, unpadded_sizes
+from codetr.models.config import co_deformable_detr_tiny, deformable_detr_tiny, override
+from codetr.models.detector import build_model, pad_images, total_loss, unpadded_sizes
 
 
 def tiny(num_classes=3, **changes):
@@ -125,8 +125,8 @@ def test_input_errors():
 @pytest.mark.slow
 def test_one_batch_overfit(tmp_path):
     "A tiny Co-Deformable-DETR memorises one batch of synthetic images: the total loss falls by at least 90%."
-    from codetr.data import AugConfig, CocoDetection, collate, eval_transforms
-    from codetr.synthetic import make_synthetic_coco
+    from codetr.data.coco import AugConfig, CocoDetection, collate, eval_transforms
+    from codetr.data.synthetic import make_synthetic_coco
     torch.manual_seed(0)
     paths = make_synthetic_coco(tmp_path / "syn", n_train=8, n_val=2)
     ds = CocoDetection(paths.train_images, paths.train_json, transforms=eval_transforms(AugConfig(test_scale=96, test_max_size=128)))

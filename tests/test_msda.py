@@ -7,8 +7,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from codetr.cuda import cuda_available
-from codetr.msda import MSDeformAttn, ms_deform_attn, ms_deform_attn_gather, ms_deform_attn_reference
+from codetr.ops.cuda import cuda_available
+from codetr.ops.msda import MSDeformAttn, ms_deform_attn, ms_deform_attn_gather, ms_deform_attn_reference
 
 
 def make_inputs(B=2, Q=5, M=2, D=3, P=2, hw=((4, 6), (3, 2), (1, 1)), dtype=torch.float64, spill=0.25, seed=0):
@@ -253,7 +253,7 @@ def test_module_rejects_bad_reference_points():
 
 # ---------------------------------------------------------------- the kernel loader (no compiler needed)
 def test_kernel_sources_are_found_and_shipped(monkeypatch, tmp_path):
-    from codetr.cuda import kernel_dir, kernel_names
+    from codetr.ops.cuda import kernel_dir, kernel_names
     folder = kernel_dir()
     assert (folder / "ms_deform_attn.cu").is_file() and (folder / "cpu_shim.h").is_file()
     assert kernel_names("ms_deform_attn") == ["ms_deform_attn_forward", "ms_deform_attn_backward_value",
@@ -266,6 +266,6 @@ def test_kernel_sources_are_found_and_shipped(monkeypatch, tmp_path):
 
 
 def test_cuda_available_never_raises():
-    from codetr.cuda import cuda_available, cuda_unavailable_reason
+    from codetr.ops.cuda import cuda_available, cuda_unavailable_reason
     assert isinstance(cuda_available(), bool)
     assert (cuda_unavailable_reason() == "ok") == cuda_available()

@@ -3,8 +3,8 @@ stream semantics. Skipped where the CUDA path is not usable."""
 import pytest
 import torch
 
-from codetr.cuda import cuda_available, cuda_unavailable_reason, load_kernels
-from codetr.msda import MSDeformAttn, ms_deform_attn, ms_deform_attn_kernel, ms_deform_attn_reference
+from codetr.ops.cuda import cuda_available, cuda_unavailable_reason, load_kernels
+from codetr.ops.msda import MSDeformAttn, ms_deform_attn, ms_deform_attn_kernel, ms_deform_attn_reference
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not cuda_available(), reason=f"CUDA path not usable: {cuda_unavailable_reason()}")]

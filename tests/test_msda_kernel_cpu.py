@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from codetr.cuda import _nvcc, _nvrtc_usable, compile_check, load_kernels
-from codetr.msda import ms_deform_attn_gather, ms_deform_attn_kernel, ms_deform_attn_reference
+from codetr.ops.cuda import _nvcc, _nvrtc_usable, compile_check, load_kernels
+from codetr.ops.msda import ms_deform_attn_gather, ms_deform_attn_kernel, ms_deform_attn_reference
 from test_msda import make_inputs  # the same random inputs as the pure-PyTorch tests
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="the CPU build of the kernels needs g++")

@@ -1,4 +1,4 @@
-"""codetr.position against naive loop oracles written from spec 1.4, hand-computed values and properties."""
+"""codetr.transformer.position against naive loop oracles written from spec 1.4, hand-computed values and properties."""
 import math
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from codetr.position import (SinePositionalEncoding, encoder_reference_points, gen_encoder_output_proposals,
+from codetr.transformer.position import (SinePositionalEncoding, encoder_reference_points, gen_encoder_output_proposals,
                              make_pad_masks, pad_mask_from_sizes, proposal_pos_embed, sine_embed_dino, valid_ratios)
 
 

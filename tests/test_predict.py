@@ -1,4 +1,4 @@
-"""Tests for codetr.predict: input discovery, class mappings, every checkpoint kind (training, bare state dict,
+"""Tests for codetr.engine.predict: input discovery, class mappings, every checkpoint kind (training, bare state dict,
 safetensors with and without its run folder's config, official names), the class-count checks, the predictor
 against the test transform and the model's own output, the files written, clear errors, and the CLI."""
 import json
@@ -14,17 +14,17 @@ import pytest
 import torch
 from PIL import Image
 
-from codetr.box_ops import scale_boxes
-from codetr.checkpoint import to_official_state_dict
-from codetr.config import co_deformable_detr_tiny
-from codetr.data import CocoDetection, eval_transforms, load_image, resized_hw
-from codetr.evaluate import coco_evaluate, config_to_dict
-from codetr.model import build_model
-from codetr.predict import (ClassMapping, Predictor, annotate, checkpoint_num_classes, coco_class_mapping,
+from codetr.ops.box_ops import scale_boxes
+from codetr.engine.checkpoint import to_official_state_dict
+from codetr.models.config import co_deformable_detr_tiny
+from codetr.data.coco import CocoDetection, eval_transforms, load_image, resized_hw
+from codetr.engine.evaluate import coco_evaluate, config_to_dict
+from codetr.models.detector import build_model
+from codetr.engine.predict import (ClassMapping, Predictor, annotate, checkpoint_num_classes, coco_class_mapping,
                             identity_class_mapping, image_files, load_predictor, main, predict_files, read_weights,
                             resolve_config, stored_class_mapping)
-from codetr.synthetic import SYNTHETIC_CATEGORY_IDS, SYNTHETIC_CLASSES, make_synthetic_coco
-from codetr.run_state import export_safetensors
+from codetr.data.synthetic import SYNTHETIC_CATEGORY_IDS, SYNTHETIC_CLASSES, make_synthetic_coco
+from codetr.engine.run_state import export_safetensors
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -296,7 +296,7 @@ def test_annotate_draws_only_above_threshold(predictor, env):
 @pytest.mark.slow
 def test_cli_writes_annotated_images(env, tmp_path):
     out = tmp_path / "cli"
-    proc = subprocess.run([sys.executable, "-m", "codetr.predict", str(env["ckpt"]), str(env["synth"].val_images),
+    proc = subprocess.run([sys.executable, "-m", "codetr.engine.predict", str(env["ckpt"]), str(env["synth"].val_images),
                            "--out", str(out), "--ann", str(env["synth"].val_json), "--device", "cpu"],
                           capture_output=True, text=True, env=dict(os.environ, MPLBACKEND="Agg"), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -312,6 +312,6 @@ def test_cli_errors_name_the_file(env, tmp_path):
 
 def test_import_does_not_run_cli(monkeypatch):
     import importlib
-    import codetr.predict
+    import codetr.engine.predict
     monkeypatch.setattr(sys, "argv", ["x", "--bogus"])  # main() would exit on this
-    importlib.reload(codetr.predict)
+    importlib.reload(codetr.engine.predict)

@@ -1,4 +1,4 @@
-"""codetr.rpn and codetr.rpn_roi (auxiliary head 0: RPN + RoI head) against naive references and hand-computed cases."""
+"""codetr.heads.rpn and codetr.heads.roi (auxiliary head 0: RPN + RoI head) against naive references and hand-computed cases."""
 import math
 
 import numpy as np
@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from torchvision.ops import box_iou as tv_box_iou, generalized_box_iou as tv_giou, nms as tv_nms, roi_align
 
-from codetr.anchors import CO_DEF_STRIDES, roi_box_coder, rpn_box_coder
-from codetr.rpn import (RCNN_SAMPLING, RPN_SAMPLING, RPN_TRAIN_PROPOSALS, MaxIoUSampling, ProposalCfg, RPNHead,
+from codetr.ops.anchors import CO_DEF_STRIDES, roi_box_coder, rpn_box_coder
+from codetr.heads.rpn import (RCNN_SAMPLING, RPN_SAMPLING, RPN_TRAIN_PROPOSALS, MaxIoUSampling, ProposalCfg, RPNHead,
                         assign_and_sample, flatten_levels, rpn_loss, rpn_proposals_single, rpn_targets_single)
-from codetr.rpn_roi import (RCNNTestCfg, RoIHead, RPNRoIHead, Shared2FCBBoxHead, boxes_to_rois, multiclass_nms,
+from codetr.heads.roi import (RCNNTestCfg, RoIHead, RPNRoIHead, Shared2FCBBoxHead, boxes_to_rois, multiclass_nms,
                             rcnn_loss, rcnn_positive_coords, roi_extract, roi_levels, sample_rois)
 
 K = 3  # classes in most tests
@@ -342,7 +342,7 @@ def test_rcnn_sampler_few_proposals():
 
 
 def test_assign_and_sample_matches_manual_pipeline():
-    from codetr.assigners import add_gt_as_proposals, max_iou_assign, random_sample
+    from codetr.ops.assigners import add_gt_as_proposals, max_iou_assign, random_sample
     gt = torch.tensor([[20., 20., 120., 140.]])
     props = crowded_proposals(gt, 50, 100)
     priors, s = assign_and_sample(props, gt, torch.tensor([0]), RCNN_SAMPLING, gen(3))

@@ -70,7 +70,7 @@ def test_train_notebook_writes_the_run(trained):
 def test_train_notebook_shows_curves_table_and_predictions(trained):
     nb = json.loads((trained / "train.ipynb").read_text())
     text = cell_text(nb)
-    assert "python -m codetr.train co_deformable_detr_tiny" in text and "AP50" in text and "2 steps" in text
+    assert "python -m codetr.engine.train co_deformable_detr_tiny" in text and "AP50" in text and "2 steps" in text
     assert has_image(nb) >= 2  # loss/lr curves and the predictions grid
     params = next(c for c in nb["cells"] if "injected-parameters" in c["metadata"].get("tags", []))
     assert "N_TRAIN = 4" in "".join(params["source"])
@@ -82,7 +82,7 @@ def test_evaluate_notebook_on_the_trained_run(trained, tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert set(metrics["per_class_AP"]) == {"ellipse", "rectangle", "triangle", "ring", "cross", "star"}
     assert (tmp_path / "detections.json").is_file() and (tmp_path / "evaluate.ipynb").is_file()
-    assert "python -m codetr.evaluate co_deformable_detr_tiny" in cell_text(nb) and has_image(nb) >= 2
+    assert "python -m codetr.engine.evaluate co_deformable_detr_tiny" in cell_text(nb) and has_image(nb) >= 2
 
 
 def test_evaluate_notebook_finds_the_checkpoint_in_the_work_dir(trained, tmp_path):

@@ -1,4 +1,4 @@
-"""codetr.synthetic: determinism, caching, COCO compatibility, tight boxes and the variety of the default set."""
+"""codetr.data.synthetic: determinism, caching, COCO compatibility, tight boxes and the variety of the default set."""
 import contextlib
 import io
 import json
@@ -15,7 +15,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from codetr.synthetic import (SYNTHETIC_CATEGORY_IDS, SYNTHETIC_CLASSES, Shape, dataset_summary, default_data_dir,
+from codetr.data.synthetic import (SYNTHETIC_CATEGORY_IDS, SYNTHETIC_CLASSES, Shape, dataset_summary, default_data_dir,
                               make_synthetic_coco, render_scene, sample_scene, shape_area, shape_mask,
                               shape_polygons, synthetic_dataset, synthetic_sample, visible_boxes)
 
@@ -67,7 +67,7 @@ def test_same_arguments_give_byte_identical_files(small_set, tmp_path):
 
 
 def test_byte_identical_in_another_process(small_set, tmp_path):
-    code = ("import sys; from codetr.synthetic import make_synthetic_coco; "
+    code = ("import sys; from codetr.data.synthetic import make_synthetic_coco; "
             f"make_synthetic_coco(sys.argv[1], **{SMALL!r})")
     env = dict(os.environ, PYTHONHASHSEED="123")
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "other")], check=True, env=env, timeout=120)
@@ -146,7 +146,7 @@ def test_bad_arguments_name_the_argument(tmp_path, bad, name):
 
 
 def test_concurrent_generations_agree(small_set, tmp_path):
-    code = ("import sys; from codetr.synthetic import make_synthetic_coco; "
+    code = ("import sys; from codetr.data.synthetic import make_synthetic_coco; "
             f"make_synthetic_coco(sys.argv[1], **{SMALL!r})")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "shared")]) for _ in range(2)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
@@ -331,7 +331,7 @@ def test_dataset_summary_of_an_empty_set(tmp_path):
 # --- command line ---------------------------------------------------------------------------------------------
 
 def test_cli_generates_and_prints_the_summary(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "codetr.synthetic", "--root", str(tmp_path / "cli"),
+    out = subprocess.run([sys.executable, "-m", "codetr.data.synthetic", "--root", str(tmp_path / "cli"),
                           "--n_train", "6", "--n_val", "2", "--seed", "3"],
                          capture_output=True, text=True, check=True, timeout=120, cwd=REPO).stdout
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[1:] if line.strip()}
@@ -341,6 +341,6 @@ def test_cli_generates_and_prints_the_summary(tmp_path):
 
 def test_cli_uses_the_default_folder(tmp_path):
     env = dict(os.environ, CODETR_DATA_DIR=str(tmp_path))
-    out = subprocess.run([sys.executable, "-m", "codetr.synthetic", "--n_train", "2", "--n_val", "1"],
+    out = subprocess.run([sys.executable, "-m", "codetr.data.synthetic", "--n_train", "2", "--n_val", "1"],
                          capture_output=True, text=True, check=True, timeout=120, env=env).stdout
     assert str(tmp_path / "synthetic") in out and (tmp_path / "synthetic" / "meta.json").exists()

@@ -1,10 +1,10 @@
-"""Tests for codetr.train: optimiser groups, schedule, clipping, NaN handling, atomic checkpoints, exact resume after
+"""Tests for codetr.engine.train: optimiser groups, schedule, clipping, NaN handling, atomic checkpoints, exact resume after
 SIGKILL, two gloo processes vs one, Ctrl-C, the command line.
 
 The real detector is not needed: `TinyDetectorDouble` is a test double that follows the model interface of
-codetr.model (training: a dict of loss tensors; eval: per-image boxes in original pixels, scores, labels). Its loss
+codetr.models.detector (training: a dict of loss tensors; eval: per-image boxes in original pixels, scores, labels). Its loss
 is normalised the way every Co-DETR loss is (a sum over objects divided by `reduce_mean(count).clamp(min=1)`), which
-is what makes W processes with b images each equal one process with W*b images (see the notebook 21_train).
+is what makes W processes with b images each equal one process with W*b images (see the notebook 73_train).
 """
 import copy
 import json
@@ -23,15 +23,15 @@ import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
-from codetr.config import OptimConfig, co_deformable_detr_tiny
-from codetr.data import AugConfig, build_dataset
-from codetr.dist import reduce_mean
-from codetr.evaluate import safe_load
-from codetr.synthetic import make_synthetic_coco
-from codetr.run_state import (EpochSampler, SeededDataset, build_optimizer, build_scheduler, clip_gradients,
+from codetr.models.config import OptimConfig, co_deformable_detr_tiny
+from codetr.data.coco import AugConfig, build_dataset
+from codetr.core.dist import reduce_mean
+from codetr.engine.evaluate import safe_load
+from codetr.data.synthetic import make_synthetic_coco
+from codetr.engine.run_state import (EpochSampler, SeededDataset, build_optimizer, build_scheduler, clip_gradients,
                               export_safetensors, latest_checkpoint, list_checkpoints, load_checkpoint, lr_mult_for,
                               rng_state, save_checkpoint, set_rng_state)
-from codetr.train import Trainer, main
+from codetr.engine.train import Trainer, main
 
 TESTS = Path(__file__).resolve().parent
 SMALL_AUG = AugConfig(scales=(48, 56, 64), max_size=96, crop_scales=(48,), crop_max_size=96, crop_range=(32, 48),
@@ -39,7 +39,7 @@ SMALL_AUG = AugConfig(scales=(48, 56, 64), max_size=96, crop_scales=(48,), crop_
 
 
 class TinyDetectorDouble(nn.Module):
-    """Test double for codetr.model.CoDETR: a per-pixel conv named `backbone`, masked average pooling (so padding
+    """Test double for codetr.models.detector.CoDETR: a per-pixel conv named `backbone`, masked average pooling (so padding
     does not matter), a `sampling_offsets` layer and a linear head predicting `q` boxes and class logits."""
 
     def __init__(self, cfg, q: int = 3, normalise: str = "objects"):
@@ -272,7 +272,7 @@ def test_keep_last_and_latest(tmp_path):
 def test_interrupted_write_leaves_previous_checkpoint(tmp_path, monkeypatch, where):
     save_checkpoint(tmp_path, fake_state(0, 2, 7.0))
     before = sorted(p.name for p in tmp_path.iterdir())
-    import codetr.evaluate as ev
+    import codetr.engine.evaluate as ev
     def boom(*a, **k): raise KeyboardInterrupt("killed during the write")
     if where == "os.replace": monkeypatch.setattr(ev.os, "replace", boom)
     else: monkeypatch.setattr(torch, "save", boom)
@@ -413,8 +413,8 @@ def test_cli_trains_and_evaluates(tmp_path, synth):
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["num_classes"] == 6 and cfg["optim"]["batch_size"] == 4 and cfg["aug"]["scales"] == [48, 64]
     assert (tmp_path / "model.safetensors").exists() and (tmp_path / "detections.json").exists()
-    # the class mapping travels with the weights: codetr.predict names detections from the file alone
-    from codetr.predict import read_weights
+    # the class mapping travels with the weights: codetr.engine.predict names detections from the file alone
+    from codetr.engine.predict import read_weights
     cats = sorted(json.loads(synth.train_json.read_text())["categories"], key=lambda c: c["id"])
     for name in ("model.safetensors", latest_checkpoint(tmp_path).name):
         classes = read_weights(tmp_path / name).classes
@@ -436,10 +436,10 @@ from pathlib import Path
 import torch
 sys.path.insert(0, {tests!r})
 from test_train import TinyDetectorDouble, SMALL_AUG, tiny_cfg
-from codetr.data import build_dataset
-from codetr.evaluate import init_device
-from codetr.train import Trainer
-from codetr.dist import is_main_process, is_dist
+from codetr.data.coco import build_dataset
+from codetr.engine.evaluate import init_device
+from codetr.engine.train import Trainer
+from codetr.core.dist import is_main_process, is_dist
 args = json.loads(sys.argv[1])
 init_device("cpu")
 torch.set_num_threads(1)

@@ -1,13 +1,13 @@
-"""Tests of codetr.transformer: layer shapes, look-forward-twice gradients, two-stage selection, forward_aux, init, keys."""
+"""Tests of codetr.transformer.deformable: layer shapes, look-forward-twice gradients, two-stage selection, forward_aux, init, keys."""
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from codetr.msda import MSDeformAttn
-from codetr.position import SinePositionalEncoding, make_pad_masks, pad_mask_from_sizes
-from codetr.transformer import (CoDeformableTransformer, DeformableDecoder, DeformableDecoderLayer,
+from codetr.ops.msda import MSDeformAttn
+from codetr.transformer.position import SinePositionalEncoding, make_pad_masks, pad_mask_from_sizes
+from codetr.transformer.deformable import (CoDeformableTransformer, DeformableDecoder, DeformableDecoderLayer,
                                 DeformableEncoderLayer, flatten_feature_levels)
 
 C, M, L, P, K = 32, 2, 2, 2, 3
@@ -81,7 +81,7 @@ def test_decoder_look_forward_twice_gradients():
     g = torch.autograd.grad(refs[1].sum(), [regs[1][-1].weight, regs[0][-1].weight], allow_unused=True)
     assert g[0].abs().sum() > 0 and (g[1] is None or g[1].abs().sum() == 0)  # r_2 = sigmoid(D_1 + logit(sg(r_1)))
     # the value is consistent: r_{l+1} = sigmoid(reg_l(h_l) + logit(r_l))
-    from codetr.box_ops import inverse_sigmoid
+    from codetr.ops.box_ops import inverse_sigmoid
     torch.testing.assert_close(refs[1], (regs[1](hs[1]) + inverse_sigmoid(refs[0])).sigmoid())
 
 
@@ -174,8 +174,8 @@ def test_forward_aux_shapes_gradients_and_head_scalar():
 
 def test_forward_aux_query_construction():
     """query_pos = first half of LN(Linear(pe)) + head scalar; query = second half + LN(Linear(feats)) (spec 3.3)."""
-    from codetr.box_ops import inverse_sigmoid
-    from codetr.position import proposal_pos_embed
+    from codetr.ops.box_ops import inverse_sigmoid
+    from codetr.transformer.position import proposal_pos_embed
     tr = small()
     o, _, reg_b = run(tr)
     coords, feats = torch.rand(2, 5, 4) * 0.5 + 0.25, torch.randn(2, 5, C)

@@ -1,4 +1,4 @@
-"""Tests for codetr.viz: pixel conversions, colours, and what the drawing helpers put on the axes."""
+"""Tests for codetr.data.viz: pixel conversions, colours, and what the drawing helpers put on the axes."""
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from codetr.viz import PIXEL_MEAN, PIXEL_STD, class_color, denormalize, draw_boxes, show_detections, show_grid, to_hwc_uint8
+from codetr.data.viz import PIXEL_MEAN, PIXEL_STD, class_color, denormalize, draw_boxes, show_detections, show_grid, to_hwc_uint8
 
 matplotlib.use("Agg")
 

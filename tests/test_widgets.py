@@ -1,10 +1,10 @@
-"""Tests for codetr.widgets without a browser: each explorer driven from Python (set a control's value, check what
-was re-rendered) against the codetr.explore helpers it draws with."""
+"""Tests for codetr.workbench.widgets without a browser: each explorer driven from Python (set a control's value, check what
+was re-rendered) against the codetr.workbench.explore helpers it draws with."""
 import pytest
 import torch
 
-from codetr.explore import PANEL_ORDER, decoder_sampling, detect
-from codetr.widgets import AssignmentExplorer, DatasetBrowser, PredictionExplorer, SamplingExplorer
+from codetr.workbench.explore import PANEL_ORDER, decoder_sampling, detect
+from codetr.workbench.widgets import AssignmentExplorer, DatasetBrowser, PredictionExplorer, SamplingExplorer
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from codetr.ops.box_ops import box_iou
+from codetr.core.config import override
 from codetr.engine.checkpoint import load_official, to_official_key
-from codetr.models.config import co_deformable_detr_r50_1x_coco, override
+from codetr.models.co_deformable_detr import co_deformable_detr_r50_1x_coco
+from codetr.models.detector import build_model
+from codetr.ops.box_ops import box_iou
+from codetr.transformer.deformable import CoDeformableTransformer
 
 REPO = Path(__file__).resolve().parents[1]
 PARITY = Path(os.environ.get("CODETR_SHARED_PARITY", REPO.parent / "shared" / "parity"))
@@ -62,7 +65,6 @@ def ref():
 
 
 def build_official(ref):
-    from codetr.models.detector import build_model
     cfg = official_cfg()
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -155,18 +157,16 @@ def test_detections_equal_official(ref, ours):
 
 def test_parity_fails_when_two_stage_ranks_by_max_class(ref, monkeypatch):
     "The check has teeth: ranking the encoder proposals by the max class (DINO) instead of class 0 breaks parity."
-    import codetr.transformer.deformable as tr
-    original = tr._select_queries
+    original = CoDeformableTransformer.select_queries
     def by_max(self, enc_class, enc_coord, query_embed):
         return original(self, enc_class.max(-1, keepdim=True).values.expand_as(enc_class), enc_coord, query_embed)
-    monkeypatch.setattr(tr, "_select_queries", by_max)
+    monkeypatch.setattr(CoDeformableTransformer, "select_queries", by_max)
     model, _ = build_official(ref)
     with pytest.raises(AssertionError, match="enc_topk_ref"):
         compare_raw(run_model(model, ref["image"]), ref["out"])
 
 
 def test_parameter_counts_per_official_module(ref):
-    from codetr.models.detector import build_model
     cfg = official_cfg()
     model = build_model(cfg)
     params = json.loads((ref["folder"] / "params.json").read_text())
@@ -184,7 +184,6 @@ def test_parameter_counts_per_official_module(ref):
 
 
 def test_state_dict_keys_equal_official(ref):
-    from codetr.models.detector import build_model
     cfg = official_cfg()
     keys = {to_official_key(k, cfg): tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
     want = {k: tuple(v.shape) for k, v in ref["state_dict"].items()}
@@ -193,7 +192,6 @@ def test_state_dict_keys_equal_official(ref):
 
 def test_loss_keys_equal_official(ref):
     "One training step of the official model returns these loss names (values depend on the official sampling)."
-    from codetr.models.detector import build_model
     cfg = official_cfg()
     torch.manual_seed(0)
     model = build_model(cfg).train()

@@ -24,13 +24,15 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from ..core.config import Config
 from .synthetic import synthetic_dataset
 from .viz import PIXEL_MEAN, PIXEL_STD
 
 # %% auto 0
 __all__ = ['load_image', 'read_coco_json', 'coco_index', 'parse_annotations', 'CocoDetection', 'AugConfig', 'detr_augmentation',
            'small_augmentation', 'resized_hw', 'RandomShortSideResize', 'RandomCropAbsolute', 'DropEmptyBoxes',
-           'train_transforms', 'eval_transforms', 'Batch', 'collate', 'coco_paths', 'build_dataset', 'to_coco_results']
+           'train_transforms', 'eval_transforms', 'Batch', 'pad_images', 'collate', 'coco_paths', 'build_dataset',
+           'to_coco_results']
 
 # %% ../../nbs/data/22_coco.ipynb
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -182,7 +184,7 @@ class CocoDetection(torch.utils.data.Dataset):
 
 # %% ../../nbs/data/22_coco.ipynb
 @dataclass(frozen=True)
-class AugConfig:
+class AugConfig(Config):
     "Sizes of the DETR augmentation (spec 5.2); the defaults are the official ones."
     scales: tuple[int, ...] = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800) # policy A shorter sides
     max_size: int = 1333                     # policy A longest side
@@ -320,17 +322,27 @@ class Batch:
         "Pinned copy, used by `DataLoader(pin_memory=True)`."
         return self._map(lambda t: t.pin_memory())
 
+def pad_images(images: Sequence[Tensor], # per image (3, H_i, W_i)
+               dtype: torch.dtype | None = None, # of the batch (default: the first image's)
+              ) -> tuple[Tensor, Tensor]:        # (B, 3, H, W) zero-padded batch, (B, H, W) mask, True = padding
+    "Pad images bottom-right with zeros into one batch with its padding mask."
+    if len(images) == 0: raise ValueError("pad_images: got an empty list of images")
+    for i, im in enumerate(images):
+        if im.ndim != 3 or im.shape[0] != 3: raise ValueError(f"pad_images: images[{i}] must be (3, H, W), got {tuple(im.shape)}")
+    H, W = max(im.shape[-2] for im in images), max(im.shape[-1] for im in images)
+    batch = torch.zeros(len(images), 3, H, W, dtype=dtype or images[0].dtype, device=images[0].device)  # (B, 3, H, W)
+    pad_mask = torch.ones(len(images), H, W, dtype=torch.bool, device=images[0].device)  # (B, H, W)
+    for i, im in enumerate(images):
+        batch[i, :, :im.shape[-2], :im.shape[-1]] = im.as_subclass(Tensor)
+        pad_mask[i, :im.shape[-2], :im.shape[-1]] = False
+    return batch, pad_mask
+
 def collate(samples: Sequence[tuple[Tensor, dict]]) -> Batch:
     "Pad `(image, target)` samples bottom-right with zeros into a `Batch` with a padding mask."
     if len(samples) == 0: raise ValueError("collate: got an empty list of samples")
-    hs, ws = zip(*(img.shape[-2:] for img, _ in samples))
-    images = torch.zeros(len(samples), 3, max(hs), max(ws), dtype=torch.float32)  # (B, 3, H, W)
-    pad_mask = torch.ones(len(samples), max(hs), max(ws), dtype=torch.bool)  # (B, H, W)
+    images, pad_mask = pad_images([img for img, _ in samples], torch.float32)  # (B, 3, H, W), (B, H, W)
     targets = []
-    for i, (img, tgt) in enumerate(samples):
-        h, w = img.shape[-2:]
-        images[i, :, :h, :w] = img.as_subclass(Tensor)
-        pad_mask[i, :h, :w] = False
+    for img, tgt in samples:
         t = {k: v.as_subclass(Tensor) if isinstance(v, Tensor) else v for k, v in tgt.items()}
         t["boxes"] = t["boxes"].float().reshape(-1, 4)  # (G, 4)
         t["labels"] = t["labels"].long()  # (G,)

@@ -23,16 +23,18 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 from fastcore.imports import IN_NOTEBOOK
 
-from .checkpoint import load_official
-from ..models.config import CoDETRConfig, get_preset, override
+from ..core.config import override, parse_cfg_options
+from ..core.io import atomic_write
 from ..data.coco import eval_transforms, load_image, read_coco_json, to_coco_results
-from .evaluate import atomic_write, config_from_dict, default_model_factory, parse_cfg_options, safe_load
 from ..data.viz import show_detections
+from .checkpoint import CheckpointContents, checkpoint_num_classes, load_official, read_weights
+from ..models.config import CoDETRConfig, config_from_stored
+from ..models.detector import build_model
+from ..models.presets import get_preset
 
 # %% auto 0
 __all__ = ['IMAGE_SUFFIXES', 'image_files', 'ClassMapping', 'coco_class_mapping', 'identity_class_mapping',
-           'stored_class_mapping', 'CheckpointContents', 'read_weights', 'checkpoint_num_classes', 'resolve_config',
-           'Predictor', 'load_predictor', 'annotate', 'predict_files', 'main']
+           'stored_class_mapping', 'resolve_config', 'Predictor', 'load_predictor', 'annotate', 'predict_files', 'main']
 
 # %% ../../nbs/engine/74_predict.ipynb
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -83,68 +85,17 @@ def stored_class_mapping(meta: dict, where: str) -> ClassMapping | None:
     return ClassMapping(names, [int(i) for i in ids], where)
 
 # %% ../../nbs/engine/74_predict.ipynb
-@dataclass
-class CheckpointContents:
-    "What a checkpoint file holds, whichever its kind."
-    path: Path
-    kind: str                     # "train", "state_dict", "safetensors" or "official"
-    state_dict: dict[str, Tensor] # weights (official names for kind "official")
-    config: dict | None           # `config_to_dict` output when the file (or its run folder) has one
-    classes: ClassMapping | None  # the stored class mapping, if any
-
-def _looks_official(state_dict: dict) -> bool:
-    return any(".attentions." in k or k.startswith(("rpn_head.", "roi_head.", "bbox_head.")) for k in state_dict)
-
-def _read_safetensors(path: Path) -> tuple[dict, dict]:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-    try:
-        with safe_open(str(path), framework="pt") as f: meta = f.metadata() or {}
-        return load_file(str(path)), meta
-    except Exception as e: raise ValueError(f"checkpoint {path}: not a readable safetensors file ({e})") from None
-
-def _config_beside(path: Path) -> dict | None:
-    cfg_file = path.parent / "config.json"
-    return json.loads(cfg_file.read_text()) if cfg_file.is_file() else None
-
-def read_weights(path: str | os.PathLike) -> CheckpointContents:
-    "Read a checkpoint of any supported kind; errors name the file."
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"checkpoint {path} not found")
-    if path.suffix == ".safetensors":
-        sd, meta = _read_safetensors(path)
-        cfg = json.loads(meta["config"]) if "config" in meta else _config_beside(path)
-        return CheckpointContents(path, "safetensors", sd, cfg, stored_class_mapping(meta, f"checkpoint {path}"))
-    obj = safe_load(path)
-    if not isinstance(obj, dict): raise ValueError(f"checkpoint {path}: expected a dict, got {type(obj).__name__}")
-    classes = stored_class_mapping(obj, f"checkpoint {path}")
-    if isinstance(obj.get("model"), dict):
-        cfg = obj.get("config") if isinstance(obj.get("config"), dict) else None
-        return CheckpointContents(path, "train", obj["model"], cfg, classes)
-    sd = obj["state_dict"] if isinstance(obj.get("state_dict"), dict) else obj
-    sd = {k: v for k, v in sd.items() if isinstance(v, Tensor)}
-    if not sd: raise ValueError(f"checkpoint {path}: holds no weights (expected a training checkpoint or a state dict)")
-    kind = "official" if _looks_official(sd) or "state_dict" in obj else "state_dict"
-    return CheckpointContents(path, kind, sd, None, classes)
-
-def checkpoint_num_classes(state_dict: dict[str, Tensor]) -> int | None:
-    "Classes of the query head's first class branch (None when the weights have no such entry)."
-    for k, v in state_dict.items():
-        if k.removeprefix("module.").endswith("query_head.cls_branches.0.weight"): return int(v.shape[0])
-    return None
-
-# %% ../../nbs/engine/74_predict.ipynb
 def resolve_config(ckpt: CheckpointContents,
                    preset: str | None = None,      # used when the checkpoint has no config
                    classes: ClassMapping | None = None, # the class mapping in use (checked against the weights)
                    cfg_options: Sequence[str] | None = None, # `key=value` overrides
                   ) -> CoDETRConfig:
     "The model config of a checkpoint, with the class count checked against its weights and the class mapping."
-    if ckpt.config is not None: cfg = config_from_dict(ckpt.config)
+    if ckpt.config is not None: cfg = config_from_stored(ckpt.config)
     elif preset is not None: cfg = get_preset(preset)
     else: raise ValueError(f"checkpoint {ckpt.path} ({ckpt.kind}) stores no config: name a preset "
                            f"(e.g. preset='co_deformable_detr_tiny', or --preset on the command line)")
-    cfg = override(cfg, **parse_cfg_options(cfg_options), **{"backbone.weights": None})
+    cfg = override(cfg, **parse_cfg_options(cfg_options)).without_pretrained()
     n_weights = checkpoint_num_classes(ckpt.state_dict)
     if n_weights is None: raise ValueError(f"checkpoint {ckpt.path}: no query_head.cls_branches.0.weight; is it a Co-DETR checkpoint?")
     if ckpt.config is not None and cfg.num_classes != n_weights:
@@ -194,13 +145,13 @@ def load_predictor(checkpoint: str | os.PathLike,   # training checkpoint, state
                   ) -> Predictor:
     "Read a checkpoint, rebuild its model, check the class count and load the weights (official names converted)."
     ckpt = read_weights(checkpoint)
-    classes = coco_class_mapping(ann_file) if ann_file is not None else ckpt.classes
+    classes = coco_class_mapping(ann_file) if ann_file is not None else stored_class_mapping(ckpt.meta, f"checkpoint {ckpt.path}")
     cfg = resolve_config(ckpt, preset, classes, cfg_options)
     if classes is None:
         warnings.warn(f"checkpoint {ckpt.path} has no class mapping and no annotation file was given: category ids "
                       f"are the contiguous labels 0..{cfg.num_classes - 1} (pass ann_file / --ann to map them)")
         classes = identity_class_mapping(cfg.num_classes)
-    model = (model_factory or default_model_factory())(cfg)
+    model = (model_factory or build_model)(cfg)
     load_official(model, ckpt.state_dict, cfg, strict=True)
     return Predictor(model, cfg, classes, device)
 
@@ -276,7 +227,7 @@ def _predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--skip-unreadable", action="store_true", help="skip unreadable images with a warning")
     p.add_argument("--no-draw", action="store_true", help="write detections.json only")
-    p.add_argument("--cfg-options", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. head.test_top_k=300")
+    p.add_argument("--cfg-options", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. query_head.test_top_k=300")
     return p
 
 def main(argv: Sequence[str] | None = None) -> dict:

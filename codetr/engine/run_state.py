@@ -6,10 +6,8 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
-import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -19,13 +17,10 @@ from torch import Tensor, nn
 
 from ..models.config import OptimConfig
 from ..core.dist import get_rank, get_world_size
-from .evaluate import atomic_write, safe_load, state_dict_of
 
 # %% auto 0
-__all__ = ['EXPORTED_META', 'lr_mult_for', 'param_groups', 'build_optimizer', 'build_scheduler', 'clip_gradients',
-           'seed_everything', 'sample_seed', 'seeded_rngs', 'SeededDataset', 'EpochSampler', 'rng_state',
-           'set_rng_state', 'checkpoint_name', 'list_checkpoints', 'save_checkpoint', 'latest_checkpoint',
-           'load_checkpoint', 'export_safetensors']
+__all__ = ['lr_mult_for', 'param_groups', 'build_optimizer', 'build_scheduler', 'clip_gradients', 'seed_everything',
+           'sample_seed', 'seeded_rngs', 'SeededDataset', 'EpochSampler', 'rng_state', 'set_rng_state']
 
 # %% ../../nbs/engine/72_run_state.ipynb
 def lr_mult_for(name: str,                                # parameter name, e.g. "backbone.layer1.0.conv1.weight"
@@ -143,58 +138,3 @@ def set_rng_state(state: dict):
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state["cuda"])
-
-# %% ../../nbs/engine/72_run_state.ipynb
-_CKPT = re.compile(r"^epoch_(\d+)_iter_(\d+)\.pt$")
-
-def checkpoint_name(epoch: int, iteration: int) -> str:
-    "File name of the state after `epoch` full epochs and `iteration` batches of the next."
-    return f"epoch_{epoch:04d}_iter_{iteration:06d}.pt"
-
-def list_checkpoints(work_dir: str | Path) -> list[Path]:
-    "The run's checkpoints, oldest first."
-    work_dir = Path(work_dir)
-    return sorted(p for p in work_dir.glob("epoch_*_iter_*.pt") if _CKPT.match(p.name)) if work_dir.is_dir() else []
-
-def save_checkpoint(work_dir: str | Path, state: dict, keep_last: int = 3) -> Path:
-    "Write `state` atomically, point `latest` at it, and keep only the newest `keep_last` checkpoints (0 = all)."
-    work_dir = Path(work_dir)
-    path = work_dir / checkpoint_name(state["epoch"], state["iteration"])
-    atomic_write(path, lambda f: torch.save(state, f))
-    atomic_write(work_dir / "latest", path.name + "\n")
-    if keep_last > 0:
-        for old in list_checkpoints(work_dir)[:-keep_last]:
-            if old != path: old.unlink(missing_ok=True)
-    return path
-
-def latest_checkpoint(work_dir: str | Path) -> Path | None:
-    "The checkpoint named by `latest`, else the newest one present, else None."
-    work_dir = Path(work_dir)
-    pointer = work_dir / "latest"
-    if pointer.is_file():
-        path = work_dir / pointer.read_text().strip()
-        if path.is_file(): return path
-    found = list_checkpoints(work_dir)
-    return found[-1] if found else None
-
-def load_checkpoint(path: str | Path) -> dict:
-    "A training checkpoint, loaded with `weights_only=True`; errors name the file and the missing entries."
-    state = safe_load(path)
-    missing = [k for k in ("model", "optimizer", "scheduler", "epoch", "iteration", "rng", "config") if k not in state]
-    if missing: raise ValueError(f"checkpoint {path}: not a codetr training checkpoint (missing {missing})")
-    return state
-
-EXPORTED_META = ("config", "label_to_cat_id", "class_names")  # checkpoint entries copied into safetensors metadata
-
-def export_safetensors(checkpoint: str | Path | dict, # a training checkpoint (file or loaded dict) or a state dict
-                       path: str | Path,             # the .safetensors file to write
-                       metadata: dict | None = None, # more metadata; values that are not text are stored as JSON
-                      ) -> Path:
-    "Write the model weights of a checkpoint as safetensors (atomically), with its config and class mapping as JSON metadata."
-    from safetensors.torch import save
-    ckpt = load_checkpoint(checkpoint) if not isinstance(checkpoint, dict) else checkpoint
-    state = state_dict_of(ckpt)
-    extra = {k: ckpt[k] for k in EXPORTED_META if state is not ckpt and ckpt.get(k) is not None} | (metadata or {})
-    meta = {"format": "pt"} | {k: v if isinstance(v, str) else json.dumps(v) for k, v in extra.items()}
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}  # clone: no shared storage
-    return atomic_write(path, save(tensors, metadata=meta))

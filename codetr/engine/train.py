@@ -23,14 +23,17 @@ from fastcore.basics import patch
 from fastcore.imports import IN_NOTEBOOK
 from tqdm.auto import tqdm
 
-from ..models.config import CoDETRConfig, override
+from ..core.config import config_to_dict, override
+from ..core.dist import get_rank, get_world_size, init_device, is_dist, is_main_process
+from ..core.io import atomic_write
 from ..data.coco import collate, build_dataset
-from ..core.dist import get_rank, get_world_size, is_dist, is_main_process
-from .evaluate import (atomic_write, config_to_dict, default_model_factory, evaluate, init_device, run_config,
-                             shard_loader, write_metrics, ap_table)
+from .checkpoint import export_safetensors, latest_checkpoint, load_checkpoint, save_checkpoint
+from .evaluate import ap_table, evaluate, shard_loader, write_metrics
 from .run_state import (EpochSampler, SeededDataset, build_optimizer, build_scheduler, clip_gradients,
-                              export_safetensors, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
-                              seed_everything, set_rng_state)
+                                     rng_state, seed_everything, set_rng_state)
+from ..models.config import CoDETRConfig
+from ..models.detector import build_model, total_loss
+from ..models.presets import run_config
 
 # %% auto 0
 __all__ = ['Trainer', 'main']
@@ -88,7 +91,7 @@ class Trainer:
         self.num_workers, self.checkpoint_interval, self.keep_last = num_workers, checkpoint_interval, keep_last
         self.max_bad_steps, self.val_interval, self.progress = max_bad_steps, val_interval, progress
         seed_everything(seed, deterministic)
-        self.model = (model_factory or default_model_factory())(cfg).to(self.device)
+        self.model = (model_factory or build_model)(cfg).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
@@ -182,7 +185,7 @@ def _forward_group(self: Trainer, batches: Iterator, group: int) -> tuple[list[d
         sync = j == group - 1 or not isinstance(self.net, nn.parallel.DistributedDataParallel)
         with (contextlib.nullcontext() if sync else self.net.no_sync()), _autocast(self.device, self.amp):
             losses = self.net(batch.images, batch.targets, pad_mask=batch.pad_mask)
-            total = sum(v for k, v in losses.items() if "loss" in k)
+            total = total_loss(losses)
         log = _reduce_terms(losses, total, self._stop)
         logs.append(log)
         if not math.isfinite(log["loss"]): bad = True

@@ -10,20 +10,20 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
-from fastcore.basics import patch
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
+from ..backbones.necks import ConvGN
+from ..core.dist import reduce_mean
+from .base import (AuxHeadConfig, HeadPositives, PositiveCoords, check_targets, flatten_levels, level_of,
+                               nearest_gt)
 from ..ops.anchors import CO_DEF_STRIDES, atss_anchor_generator, roi_box_coder
 from ..ops.assigners import atss_assign, pseudo_sample
-from ..backbones.resnet import ConvGN
 from ..ops.box_ops import scale_boxes
-from ..core.dist import reduce_mean
 from ..ops.losses import binary_cross_entropy, centerness_target, giou_loss, sigmoid_focal_loss
-from .base import PositiveCoords
 
 # %% auto 0
-__all__ = ['Scale', 'CoATSSHead', 'flatten_levels', 'image_valid_flags', 'ATSSTargets', 'atss_targets']
+__all__ = ['Scale', 'CoATSSHead', 'image_valid_flags', 'ATSSTargets', 'atss_targets', 'ATSSHeadConfig']
 
 # %% ../../nbs/heads/54_atss.ipynb
 class Scale(nn.Module):
@@ -95,6 +95,112 @@ class CoATSSHead(nn.Module):
             elif isinstance(m, nn.GroupNorm): nn.init.ones_(m.weight); nn.init.zeros_(m.bias)
         nn.init.constant_(self.atss_cls.bias, _prior_bias(0.01))
 
+    name = "atss"  # short name for the explorers' panels
+
+    def forward(self,
+                pyramid: Sequence[Tensor], # num_levels maps (B, in_channels, H_l, W_l), strides 8, 16, ...
+               ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]: # per level (B, K, H, W), (B, 4, H, W), (B, 1, H, W)
+        "Class logits, box deltas and centerness logits on every pyramid level."
+        _check_pyramid(self, pyramid)
+        cls_logits, deltas, ctr_logits = [], [], []
+        for x, scale in zip(pyramid, self.scales):
+            cls_feat = reg_feat = x
+            for conv in self.cls_convs: cls_feat = conv(cls_feat)  # (B, C, H, W)
+            for conv in self.reg_convs: reg_feat = conv(reg_feat)  # (B, C, H, W)
+            cls_logits.append(self.atss_cls(cls_feat))                   # (B, K, H, W)
+            deltas.append(scale(self.atss_reg(reg_feat)).float())        # (B, 4, H, W)
+            ctr_logits.append(self.atss_centerness(reg_feat))            # (B, 1, H, W)
+        return cls_logits, deltas, ctr_logits
+
+    def get_targets(self,
+                    featmap_sizes: Sequence[tuple[int, int]], # (H_l, W_l) of every level
+                    targets: Sequence[Mapping],     # per image: `boxes` (G, 4) absolute xyxy, `labels` (G,)
+                    img_sizes: Sequence[tuple[int, int]], # (h, w) of each unpadded image
+                    pad_hw: tuple[int, int] | None = None, # (H, W) of the padded batch (checked against img_sizes)
+                    device: torch.device | str = "cpu",
+                   ) -> ATSSTargets:
+        "The anchor grid of these feature maps and its ATSS assignment for every image (`atss_targets`)."
+        check_targets("CoATSSHead", targets, img_sizes, num_classes=self.num_classes, pad_hw=pad_hw)
+        featmap_sizes = [tuple(int(v) for v in hw) for hw in featmap_sizes]
+        per_level = self.anchor_generator.grid_priors(featmap_sizes, device)  # per level (H_l * W_l, 4)
+        valid = image_valid_flags(self, featmap_sizes, img_sizes, pad_hw, device)  # (B, A)
+        return atss_targets(torch.cat(per_level), [len(a) for a in per_level], valid, [t["boxes"] for t in targets],
+                            [t["labels"] for t in targets], self.num_classes, self.topk)
+
+    def loss(self,
+             cls_logits: Tensor,  # (B, A, K) class logits, level-major like the anchors
+             deltas: Tensor,      # (B, A, 4) box deltas
+             ctr_logits: Tensor,  # (B, A) centerness logits
+             tg: ATSSTargets,     # from `get_targets`
+            ) -> dict[str, Tensor]: # `loss_cls1`, `loss_bbox1`, `loss_centerness1`, weights applied
+        "Focal, centerness-weighted GIoU and centerness BCE losses (spec 2.5)."
+        K, i = self.num_classes, self.head_index
+        cls_logits, deltas, ctr_logits = cls_logits.float(), deltas.float(), ctr_logits.float()
+        num_pos = _pos_mean(tg.num_pos, cls_logits.device)  # ()
+        loss_cls = sigmoid_focal_loss(cls_logits.reshape(-1, K), tg.labels.reshape(-1), tg.label_weights.reshape(-1),
+                                      alpha=self.focal_alpha, gamma=self.focal_gamma, avg_factor=num_pos)
+        b, a = (tg.labels < K).nonzero(as_tuple=True)  # (P,), (P,)
+        anchors, gt = tg.anchors_xyxy[a], tg.targets_xyxy[b, a]  # (P, 4), (P, 4)
+        ctr_target = centerness_target(anchors, gt)  # (P,)
+        ctr_sum = reduce_mean(ctr_target.sum().float()).clamp(min=1.0)  # ()
+        if len(a) == 0:
+            loss_bbox, loss_ctr = deltas.sum() * 0, ctr_logits.sum() * 0
+        else:
+            pred_xyxy = self.box_coder.decode(anchors, deltas[b, a])  # (P, 4)
+            loss_bbox = giou_loss(pred_xyxy, gt, ctr_target, avg_factor=1.0) / ctr_sum
+            loss_ctr = binary_cross_entropy(ctr_logits[b, a], ctr_target, avg_factor=num_pos)
+        w = self.loss_weights
+        return {f"loss_cls{i}": w["cls"] * loss_cls, f"loss_bbox{i}": w["bbox"] * loss_bbox,
+                f"loss_centerness{i}": w["centerness"] * loss_ctr}
+
+    def forward_train(self,
+                      pyramid: Sequence[Tensor],        # num_levels maps (B, C, H_l, W_l)
+                      targets: Sequence[Mapping],       # per image: `boxes` (G, 4) absolute xyxy, `labels` (G,)
+                      img_sizes: Sequence[tuple[int, int]], # (h, w) of each unpadded resized image
+                      pad_hw: tuple[int, int] | None = None, # (H, W) of the padded batch (checked against img_sizes)
+                      generator: torch.Generator | None = None, # unused: ATSS draws nothing at random
+                     ) -> tuple[dict[str, Tensor], PositiveCoords]:
+        "Training step of the ATSS head: weighted losses and every anchor's assignment for the positive queries."
+        cls_maps, delta_maps, ctr_maps = self(pyramid)
+        B = pyramid[0].shape[0]
+        check_targets("CoATSSHead", targets, img_sizes, batch=B)
+        tg = self.get_targets([m.shape[-2:] for m in pyramid], targets, img_sizes, pad_hw, pyramid[0].device)
+        losses = self.loss(flatten_levels(cls_maps), flatten_levels(delta_maps), flatten_levels(ctr_maps)[..., 0], tg)
+        coords = tg.anchors_xyxy.expand(B, -1, -1).contiguous()  # (B, A, 4)
+        return losses, PositiveCoords(coords, tg.labels, tg.targets_xyxy, flatten_levels(pyramid), self.head_index)
+
+    @torch.no_grad()
+    def predict(self,
+                pyramid: Sequence[Tensor],               # num_levels maps (B, C, H_l, W_l)
+                img_sizes: Sequence[tuple[int, int]],    # (h, w) of each unpadded resized image
+                orig_sizes: Sequence[tuple[int, int]] | None = None, # (h, w) of the original images: rescale to them
+               ) -> list[dict[str, Tensor]]:             # per image `boxes` (N, 4) xyxy, `scores` (N,), `labels` (N,)
+        "ATSS test-time detections (mmdet's `get_bboxes` with NMS)."
+        cls_maps, delta_maps, ctr_maps = self(pyramid)
+        anchors = self.anchor_generator.grid_priors([m.shape[-2:] for m in pyramid], pyramid[0].device)
+        out = []
+        for b, img_hw in enumerate(img_sizes):
+            det = _image_detections(self, anchors, [m[b] for m in cls_maps], [m[b] for m in delta_maps],
+                                    [m[b] for m in ctr_maps], tuple(img_hw))
+            if orig_sizes is not None:
+                (h, w), (oh, ow) = img_hw, orig_sizes[b]
+                det["boxes"] = scale_boxes(det["boxes"], (ow / w, oh / h))
+            out.append(det)
+        return out
+
+    @torch.no_grad()
+    def explain(self, pyramid: Sequence[Tensor], targets: Sequence[Mapping], img_sizes: Sequence[tuple[int, int]],
+                pad_hw: tuple[int, int] | None = None, seed: int = 0,
+               ) -> tuple[dict[str, HeadPositives], PositiveCoords]:
+        "The first image's positive anchors with their levels (ATSS draws nothing at random: `seed` is unused)."
+        _, pos = self.forward_train(pyramid, targets, img_sizes, pad_hw)
+        tg = self.get_targets([p.shape[-2:] for p in pyramid], targets, img_sizes, pad_hw, pyramid[0].device)
+        idx = (tg.labels[0] < self.num_classes).nonzero().squeeze(1)  # (P,)
+        levels = level_of(idx, tg.num_level_anchors).tolist()
+        return {"atss": HeadPositives("ATSS: positive anchors", tg.anchors_xyxy[idx], tg.labels[0, idx],
+                                      nearest_gt(tg.targets_xyxy[0, idx], targets[0]["boxes"]),
+                                      f"levels {sorted(set(levels))}")}, pos
+
 # %% ../../nbs/heads/54_atss.ipynb
 def _check_pyramid(head: CoATSSHead, pyramid: Sequence[Tensor]):
     if len(pyramid) != head.num_levels:
@@ -105,27 +211,6 @@ def _check_pyramid(head: CoATSSHead, pyramid: Sequence[Tensor]):
         if x.ndim != 4 or x.shape[:2] != (B, head.in_channels):
             raise ValueError(f"CoATSSHead: pyramid[{lvl}] must have shape ({B}, {head.in_channels}, H, W), "
                              f"got {tuple(x.shape)}")
-
-@patch
-def forward(self: CoATSSHead,
-            pyramid: Sequence[Tensor], # num_levels maps (B, in_channels, H_l, W_l), strides 8, 16, ...
-           ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]: # per level (B, K, H, W), (B, 4, H, W), (B, 1, H, W)
-    "Class logits, box deltas and centerness logits on every pyramid level."
-    _check_pyramid(self, pyramid)
-    cls_logits, deltas, ctr_logits = [], [], []
-    for x, scale in zip(pyramid, self.scales):
-        cls_feat = reg_feat = x
-        for conv in self.cls_convs: cls_feat = conv(cls_feat)  # (B, C, H, W)
-        for conv in self.reg_convs: reg_feat = conv(reg_feat)  # (B, C, H, W)
-        cls_logits.append(self.atss_cls(cls_feat))                   # (B, K, H, W)
-        deltas.append(scale(self.atss_reg(reg_feat)).float())        # (B, 4, H, W)
-        ctr_logits.append(self.atss_centerness(reg_feat))            # (B, 1, H, W)
-    return cls_logits, deltas, ctr_logits
-
-def flatten_levels(maps: Sequence[Tensor], # per level (B, C, H_l, W_l)
-                  ) -> Tensor:             # (B, sum H_l W_l, C)
-    "Concatenate maps level-major, row-major inside a level: the order of the anchors."
-    return torch.cat([m.flatten(2).transpose(1, 2) for m in maps], 1)  # (B, S, C)
 
 # %% ../../nbs/heads/54_atss.ipynb
 def image_valid_flags(head: CoATSSHead,
@@ -187,85 +272,10 @@ def atss_targets(anchors_xyxy: Tensor,          # (A, 4) anchors of all levels, 
                        (labels < num_classes).sum(1).tolist())
 
 # %% ../../nbs/heads/54_atss.ipynb
-def _check_targets(head: CoATSSHead, targets: Sequence[Mapping], img_sizes: Sequence, pad_hw: tuple[int, int] | None):
-    if len(targets) != len(img_sizes):
-        raise ValueError(f"CoATSSHead: got {len(targets)} targets and {len(img_sizes)} img_sizes; expected one per image")
-    for i, (t, (h, w)) in enumerate(zip(targets, img_sizes)):
-        boxes, labels = t["boxes"], t["labels"]
-        if boxes.ndim != 2 or boxes.shape[1] != 4 or labels.shape != boxes.shape[:1]:
-            raise ValueError(f"CoATSSHead: targets[{i}] needs boxes (G, 4) and labels (G,), got "
-                             f"{tuple(boxes.shape)} and {tuple(labels.shape)}")
-        if len(labels) and (labels.min() < 0 or labels.max() >= head.num_classes):
-            raise ValueError(f"CoATSSHead: targets[{i}]['labels'] must lie in [0, {head.num_classes}), got "
-                             f"{labels.min().item()}..{labels.max().item()}")
-        if pad_hw is not None and (h > pad_hw[0] or w > pad_hw[1]):
-            raise ValueError(f"CoATSSHead: img_sizes[{i}]={(h, w)} is larger than pad_hw={tuple(pad_hw)}")
-
-@patch
-def get_targets(self: CoATSSHead,
-                featmap_sizes: Sequence[tuple[int, int]], # (H_l, W_l) of every level
-                targets: Sequence[Mapping],     # per image: `boxes` (G, 4) absolute xyxy, `labels` (G,)
-                img_sizes: Sequence[tuple[int, int]], # (h, w) of each unpadded image
-                pad_hw: tuple[int, int] | None = None, # (H, W) of the padded batch (checked against img_sizes)
-                device: torch.device | str = "cpu",
-               ) -> ATSSTargets:
-    "The anchor grid of these feature maps and its ATSS assignment for every image."
-    _check_targets(self, targets, img_sizes, pad_hw)
-    featmap_sizes = [tuple(int(v) for v in hw) for hw in featmap_sizes]
-    per_level = self.anchor_generator.grid_priors(featmap_sizes, device)  # per level (H_l * W_l, 4)
-    valid = image_valid_flags(self, featmap_sizes, img_sizes, pad_hw, device)  # (B, A)
-    return atss_targets(torch.cat(per_level), [len(a) for a in per_level], valid, [t["boxes"] for t in targets],
-                        [t["labels"] for t in targets], self.num_classes, self.topk)
-
-# %% ../../nbs/heads/54_atss.ipynb
 def _pos_mean(num_pos: Sequence[int], device) -> Tensor:
     "mmdet's normaliser: each image counts max(#pos, 1), averaged over processes, at least 1."
     total = torch.tensor(float(sum(max(n, 1) for n in num_pos)), device=device)
     return reduce_mean(total).clamp(min=1.0)
-
-@patch
-def loss(self: CoATSSHead,
-         cls_logits: Tensor,  # (B, A, K) class logits, level-major like the anchors
-         deltas: Tensor,      # (B, A, 4) box deltas
-         ctr_logits: Tensor,  # (B, A) centerness logits
-         tg: ATSSTargets,     # from `get_targets`
-        ) -> dict[str, Tensor]: # `loss_cls1`, `loss_bbox1`, `loss_centerness1`, weights applied
-    "Focal, centerness-weighted GIoU and centerness BCE losses (spec 2.5)."
-    K, i = self.num_classes, self.head_index
-    cls_logits, deltas, ctr_logits = cls_logits.float(), deltas.float(), ctr_logits.float()
-    num_pos = _pos_mean(tg.num_pos, cls_logits.device)  # ()
-    loss_cls = sigmoid_focal_loss(cls_logits.reshape(-1, K), tg.labels.reshape(-1), tg.label_weights.reshape(-1),
-                                  alpha=self.focal_alpha, gamma=self.focal_gamma, avg_factor=num_pos)
-    b, a = (tg.labels < K).nonzero(as_tuple=True)  # (P,), (P,)
-    anchors, gt = tg.anchors_xyxy[a], tg.targets_xyxy[b, a]  # (P, 4), (P, 4)
-    ctr_target = centerness_target(anchors, gt)  # (P,)
-    ctr_sum = reduce_mean(ctr_target.sum().float()).clamp(min=1.0)  # ()
-    if len(a) == 0:
-        loss_bbox, loss_ctr = deltas.sum() * 0, ctr_logits.sum() * 0
-    else:
-        pred_xyxy = self.box_coder.decode(anchors, deltas[b, a])  # (P, 4)
-        loss_bbox = giou_loss(pred_xyxy, gt, ctr_target, avg_factor=1.0) / ctr_sum
-        loss_ctr = binary_cross_entropy(ctr_logits[b, a], ctr_target, avg_factor=num_pos)
-    w = self.loss_weights
-    return {f"loss_cls{i}": w["cls"] * loss_cls, f"loss_bbox{i}": w["bbox"] * loss_bbox,
-            f"loss_centerness{i}": w["centerness"] * loss_ctr}
-
-# %% ../../nbs/heads/54_atss.ipynb
-@patch
-def forward_train(self: CoATSSHead,
-                  pyramid: Sequence[Tensor],        # num_levels maps (B, C, H_l, W_l)
-                  targets: Sequence[Mapping],       # per image: `boxes` (G, 4) absolute xyxy, `labels` (G,)
-                  img_sizes: Sequence[tuple[int, int]], # (h, w) of each unpadded resized image
-                  pad_hw: tuple[int, int] | None = None, # (H, W) of the padded batch (checked against img_sizes)
-                 ) -> tuple[dict[str, Tensor], PositiveCoords]:
-    "Training step of the ATSS head: weighted losses and every anchor's assignment for the positive queries."
-    cls_maps, delta_maps, ctr_maps = self(pyramid)
-    B = pyramid[0].shape[0]
-    if len(targets) != B: raise ValueError(f"CoATSSHead: the pyramid holds {B} images, got {len(targets)} targets")
-    tg = self.get_targets([m.shape[-2:] for m in pyramid], targets, img_sizes, pad_hw, pyramid[0].device)
-    losses = self.loss(flatten_levels(cls_maps), flatten_levels(delta_maps), flatten_levels(ctr_maps)[..., 0], tg)
-    coords = tg.anchors_xyxy.expand(B, -1, -1).contiguous()  # (B, A, 4)
-    return losses, PositiveCoords(coords, tg.labels, tg.targets_xyxy, flatten_levels(pyramid), tag="atss")
 
 # %% ../../nbs/heads/54_atss.ipynb
 def _top_entries(scores: Tensor, score_thr: float, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -288,22 +298,25 @@ def _image_detections(head: CoATSSHead, anchors: list[Tensor], cls_maps: list[Te
     keep = batched_nms(boxes, scores, labels, head.nms_iou)[:head.max_per_img]  # (N,) by decreasing score
     return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
 
-@patch
-@torch.no_grad()
-def predict(self: CoATSSHead,
-            pyramid: Sequence[Tensor],               # num_levels maps (B, C, H_l, W_l)
-            img_sizes: Sequence[tuple[int, int]],    # (h, w) of each unpadded resized image
-            orig_sizes: Sequence[tuple[int, int]] | None = None, # (h, w) of the original images: rescale to them
-           ) -> list[dict[str, Tensor]]:             # per image `boxes` (N, 4) xyxy, `scores` (N,), `labels` (N,)
-    "ATSS test-time detections (mmdet's `get_bboxes` with NMS)."
-    cls_maps, delta_maps, ctr_maps = self(pyramid)
-    anchors = self.anchor_generator.grid_priors([m.shape[-2:] for m in pyramid], pyramid[0].device)
-    out = []
-    for b, img_hw in enumerate(img_sizes):
-        det = _image_detections(self, anchors, [m[b] for m in cls_maps], [m[b] for m in delta_maps],
-                                [m[b] for m in ctr_maps], tuple(img_hw))
-        if orig_sizes is not None:
-            (h, w), (oh, ow) = img_hw, orig_sizes[b]
-            det["boxes"] = scale_boxes(det["boxes"], (ow / w, oh / h))
-        out.append(det)
-    return out
+# %% ../../nbs/heads/54_atss.ipynb
+@dataclass(frozen=True)
+class ATSSHeadConfig(AuxHeadConfig):
+    "The ATSS auxiliary head (spec 2.5): auxiliary head 1 of the official models."
+    octave_base_scale: int = 8
+    topk: int = 9
+    stacked_convs: int = 1
+    loss_cls_weight: float = 1.0                # base weights, x the auxiliary loss factor at build time
+    loss_giou_weight: float = 2.0
+    loss_centerness_weight: float = 1.0
+
+    def build(self, num_classes: int, in_channels: int, strides: tuple[int, ...], head_index: int,
+              loss_factor: float) -> CoATSSHead:
+        return CoATSSHead(num_classes, in_channels, in_channels, self.stacked_convs, strides=tuple(strides),
+                          octave_base_scale=self.octave_base_scale, topk=self.topk,
+                          cls_weight=self.loss_cls_weight * loss_factor, bbox_weight=self.loss_giou_weight * loss_factor,
+                          centerness_weight=self.loss_centerness_weight * loss_factor, head_index=head_index)
+
+    def loss_weights(self, loss_factor: float, head_index: int) -> dict[str, float]:
+        return {f"loss_cls{head_index}": self.loss_cls_weight * loss_factor,
+                f"loss_bbox{head_index}": self.loss_giou_weight * loss_factor,
+                f"loss_centerness{head_index}": self.loss_centerness_weight * loss_factor}

@@ -5,24 +5,25 @@
 # %% ../../nbs/heads/53_roi.ipynb 3
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, roi_align
 
-from fastcore.basics import patch
-
-from ..ops.anchors import DeltaXYWHBBoxCoder, roi_box_coder
+from ..core.config import Config
 from ..core.dist import reduce_mean
+from .base import AuxHeadConfig, HeadPositives, PositiveCoords, check_pyramid, level_of, nearest_gt
+from .rpn import RCNN_SAMPLING, MaxIoUSampling, RPNConfig, RPNHead, assign_and_sample
+from ..ops.anchors import DeltaXYWHBBoxCoder, roi_box_coder
 from ..ops.losses import cross_entropy, giou_loss
-from .rpn import RCNN_SAMPLING, MaxIoUSampling, RPNHead, check_pyramid, assign_and_sample
-from .base import PositiveCoords
 
 # %% auto 0
 __all__ = ['RCNNTestCfg', 'roi_levels', 'boxes_to_rois', 'roi_extract', 'Shared2FCBBoxHead', 'RoISample', 'sample_rois',
-           'rcnn_loss', 'rcnn_positive_coords', 'RoIHead', 'multiclass_nms', 'RPNRoIHead']
+           'rcnn_loss', 'rcnn_positive_coords', 'RoIHead', 'multiclass_nms', 'RPNRoIHead', 'RoIConfig',
+           'RPNRoIHeadConfig']
 
 # %% ../../nbs/heads/53_roi.ipynb
 @dataclass(frozen=True)
@@ -141,7 +142,8 @@ def rcnn_loss(logits: Tensor,         # (R, K + 1) class logits of the sampled R
 def rcnn_positive_coords(samples: list[RoISample], # per image, positives first
                          roi_feats: Tensor,        # (R, C) mean-pooled RoI features, images concatenated
                          max_proposal: int = 2000, # cap on rows per image
-                        ) -> PositiveCoords:       # tag "rcnn", (B, N, ...) with N = min(cap, min_b n_b)
+                         head_index: int = 0,      # the auxiliary head they come from
+                        ) -> PositiveCoords:       # (B, N, ...) with N = min(cap, min_b n_b)
     "The first N sampled RoIs of every image with their labels, matched gt boxes and features."
     counts = [len(s.labels) for s in samples]
     n = min([max_proposal] + counts)
@@ -149,7 +151,7 @@ def rcnn_positive_coords(samples: list[RoISample], # per image, positives first
     return PositiveCoords(coords_xyxy=torch.stack([s.boxes_xyxy[:n] for s in samples]).detach(),  # (B, N, 4)
                           labels=torch.stack([s.labels[:n] for s in samples]),                     # (B, N)
                           targets_xyxy=torch.stack([s.gt_xyxy[:n] for s in samples]),              # (B, N, 4)
-                          feats=torch.stack(feats), tag="rcnn")                                    # (B, N, C)
+                          feats=torch.stack(feats), head_index=head_index)                         # (B, N, C)
 
 # %% ../../nbs/heads/53_roi.ipynb
 class RoIHead(nn.Module):
@@ -198,7 +200,24 @@ class RoIHead(nn.Module):
         losses = rcnn_loss(logits, deltas, rois[:, 1:], torch.cat([s.labels for s in samples]),
                            torch.cat([s.gt_xyxy for s in samples]), self.loss_cls_weight, self.loss_bbox_weight,
                            self.box_coder, self.head_index)
-        return losses, rcnn_positive_coords(samples, roi_feats.mean((2, 3)), self.max_proposal)
+        return losses, rcnn_positive_coords(samples, roi_feats.mean((2, 3)), self.max_proposal, self.head_index)
+
+    @torch.no_grad()
+    def predict(self,
+                pyramid: list[Tensor],            # per level (B, C, H, W)
+                proposals: list[Tensor],          # per image (P, 4) test-time proposals
+                img_sizes: list[tuple[int, int]], # per image unpadded (h, w)
+               ) -> list[dict[str, Tensor]]:      # per image boxes (D, 4) resized-image xyxy, scores, labels
+        "Two-stage detections: class scores and decoded class-specific boxes of every proposal, then `multiclass_nms`."
+        rois = boxes_to_rois(proposals)  # (R, 5)
+        logits, deltas = self.bbox_head(self.extract(pyramid, rois))  # (R, K + 1), (R, 4K)
+        scores = logits.softmax(-1)[:, :-1]  # (R, K)
+        out = []
+        for b, hw in enumerate(img_sizes):
+            i = (rois[:, 0] == b).nonzero().squeeze(1)  # (P_b,)
+            boxes = self.box_coder.decode(rois[i, 1:], deltas[i], max_hw=tuple(hw)).reshape(len(i), -1, 4)  # (P_b, K, 4)
+            out.append(multiclass_nms(boxes, scores[i], self.test_cfg))
+        return out
 
 # %% ../../nbs/heads/53_roi.ipynb
 def multiclass_nms(boxes_xyxy: Tensor, # (n, K, 4) one box per class
@@ -213,24 +232,6 @@ def multiclass_nms(boxes_xyxy: Tensor, # (n, K, 4) one box per class
     boxes, scores, labels = boxes[ok], scores[ok], labels[ok]
     keep = batched_nms(boxes, scores, labels, cfg.iou_thr)[:cfg.max_per_img]  # (D,)
     return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
-
-@patch
-@torch.no_grad()
-def predict(self: RoIHead,
-            pyramid: list[Tensor],            # per level (B, C, H, W)
-            proposals: list[Tensor],          # per image (P, 4) test-time proposals
-            img_sizes: list[tuple[int, int]], # per image unpadded (h, w)
-           ) -> list[dict[str, Tensor]]:      # per image boxes (D, 4) resized-image xyxy, scores, labels
-    "Two-stage detections: class scores and decoded class-specific boxes of every proposal, then class-wise NMS."
-    rois = boxes_to_rois(proposals)  # (R, 5)
-    logits, deltas = self.bbox_head(self.extract(pyramid, rois))  # (R, K + 1), (R, 4K)
-    scores = logits.softmax(-1)[:, :-1]  # (R, K)
-    out = []
-    for b, hw in enumerate(img_sizes):
-        i = (rois[:, 0] == b).nonzero().squeeze(1)  # (P_b,)
-        boxes = self.box_coder.decode(rois[i, 1:], deltas[i], max_hw=tuple(hw)).reshape(len(i), -1, 4)  # (P_b, K, 4)
-        out.append(multiclass_nms(boxes, scores[i], self.test_cfg))
-    return out
 
 # %% ../../nbs/heads/53_roi.ipynb
 class RPNRoIHead(nn.Module):
@@ -247,6 +248,11 @@ class RPNRoIHead(nn.Module):
         if self.roi_head.num_classes != num_classes:
             raise ValueError(f"RPNRoIHead: roi_head has {self.roi_head.num_classes} classes, num_classes={num_classes}")
 
+    name = "rcnn"  # short name for the explorers' panels
+
+    @property
+    def head_index(self) -> int: return self.roi_head.head_index
+
     def forward_train(self,
                       pyramid: list[Tensor],            # 5 maps (B, C, H_l, W_l), strides 8..128
                       targets: list[dict],              # per image `boxes` (G, 4) absolute xyxy, `labels` (G,)
@@ -254,7 +260,7 @@ class RPNRoIHead(nn.Module):
                       pad_hw: tuple[int, int] | None = None, # padded batch (h, w); not needed by this head
                       generator: torch.Generator | None = None, # CPU generator for the samplers
                      ) -> tuple[dict[str, Tensor], PositiveCoords]:
-        "All losses of head 0 and its positive coordinates (tag 'rcnn')."
+        "All losses of the head and its positive coordinates (the RoI head's sampled RoIs)."
         rpn_losses, proposals = self.rpn_head.forward_train(pyramid, targets, img_sizes, generator)
         roi_losses, pos = self.roi_head.forward_train(pyramid, proposals, targets, generator)
         return {**rpn_losses, **roi_losses}, pos
@@ -264,3 +270,70 @@ class RPNRoIHead(nn.Module):
         "Two-stage detections per image: boxes (D, 4) resized-image xyxy, scores, labels."
         proposals, _ = self.rpn_head.predict(pyramid, img_sizes)
         return self.roi_head.predict(pyramid, proposals, img_sizes)
+
+    @torch.no_grad()
+    def explain(self, pyramid: list[Tensor], targets: list[dict], img_sizes: list[tuple[int, int]],
+                pad_hw: tuple[int, int] | None = None, seed: int = 0,
+               ) -> tuple[dict[str, HeadPositives], PositiveCoords]:
+        "The first image's positive RPN anchors and positive RoIs, with the samplers seeded as in `forward_train`."
+        rpn, gt = self.rpn_head, targets[0]["boxes"]
+        anchors = rpn.anchors(pyramid)
+        t = rpn.get_targets(pyramid, anchors, targets, img_sizes, torch.Generator().manual_seed(seed))[0]
+        flat = torch.cat(anchors)  # (A, 4)
+        rpn_gt = nearest_gt(rpn.box_coder.decode(flat[t.pos_inds], t.deltas[t.pos_inds]), gt)
+        levels = level_of(t.pos_inds, [len(a) for a in anchors]).tolist()
+        rpn_panel = HeadPositives("RPN: positive anchors", flat[t.pos_inds], targets[0]["labels"][rpn_gt], rpn_gt,
+                                  f"levels {sorted(set(levels))}")
+        _, pos = self.forward_train(pyramid, targets, img_sizes, generator=torch.Generator().manual_seed(seed))
+        keep = pos.positive_mask(self.roi_head.num_classes)[0]  # (N,)
+        roi_panel = HeadPositives("RoI head: positive RoIs", pos.coords_xyxy[0, keep], pos.labels[0, keep],
+                                  nearest_gt(pos.targets_xyxy[0, keep], gt), "ground-truth boxes are among the proposals")
+        return {"rpn": rpn_panel, "roi": roi_panel}, pos
+
+# %% ../../nbs/heads/53_roi.ipynb
+@dataclass(frozen=True)
+class RoIConfig(Config):
+    "Faster R-CNN RoI head, the second stage of the RPN + RoI auxiliary head (spec 2.4)."
+    roi_size: int = 7
+    finest_scale: int = 112
+    fc_dims: int = 1024
+    pos_iou_thr: float = 0.5
+    neg_iou_thr: float = 0.5
+    min_pos_iou: float = 0.5
+    num_samples: int = 512
+    pos_fraction: float = 0.25
+    loss_cls_weight: float = 1.0                # base weights, x the auxiliary loss factor at build time
+    loss_giou_weight: float = 10.0
+
+    def build(self, num_classes: int, in_channels: int, strides: tuple[int, ...], loss_factor: float,
+              head_index: int) -> RoIHead:
+        sampling = MaxIoUSampling(self.pos_iou_thr, self.neg_iou_thr, self.min_pos_iou, False, self.num_samples,
+                                  self.pos_fraction, True)
+        return RoIHead(num_classes, in_channels, tuple(strides), finest_scale=self.finest_scale, roi_size=self.roi_size,
+                       loss_cls_weight=self.loss_cls_weight * loss_factor,
+                       loss_bbox_weight=self.loss_giou_weight * loss_factor, sampling=sampling,
+                       fc_channels=self.fc_dims, head_index=head_index)
+
+    def loss_weights(self, loss_factor: float, head_index: int) -> dict[str, float]:
+        return {f"loss_cls{head_index}": self.loss_cls_weight * loss_factor,
+                f"loss_bbox{head_index}": self.loss_giou_weight * loss_factor}
+
+@dataclass(frozen=True)
+class RPNRoIHeadConfig(AuxHeadConfig):
+    "The RPN + Faster R-CNN RoI auxiliary head (spec 2.3, 2.4): auxiliary head 0 of the official models."
+    official_group: ClassVar[str] = "roi_head"
+    rpn: RPNConfig = field(default_factory=RPNConfig)
+    roi: RoIConfig = field(default_factory=RoIConfig)
+
+    def build(self, num_classes: int, in_channels: int, strides: tuple[int, ...], head_index: int,
+              loss_factor: float) -> RPNRoIHead:
+        rpn = self.rpn.build(in_channels, tuple(strides), loss_factor)
+        roi = self.roi.build(num_classes, in_channels, tuple(strides[:-1]), loss_factor, head_index)
+        return RPNRoIHead(num_classes, in_channels, rpn, roi)
+
+    def loss_weights(self, loss_factor: float, head_index: int) -> dict[str, float]:
+        return self.rpn.loss_weights(loss_factor) | self.roi.loss_weights(loss_factor, head_index)
+
+    def official_rules(self, prefix: str, group_index: int) -> list[tuple[str, str]]:
+        p = "^" + prefix.replace(".", r"\.")
+        return [(p + r"rpn_head\.", "rpn_head."), (p + r"roi_head\.", f"roi_head.{group_index}.")]

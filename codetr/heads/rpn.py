@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
-from fastcore.basics import patch
-
+from ..core.config import Config
+from .base import check_pyramid, check_targets, flatten_levels
 from ..ops.anchors import CO_DEF_STRIDES, DeltaXYWHBBoxCoder, rpn_anchor_generator, rpn_box_coder
 from ..ops.assigners import SamplingResult, add_gt_as_proposals, max_iou_assign, random_sample
 from ..core.dist import reduce_mean
@@ -21,8 +21,8 @@ from ..ops.losses import binary_cross_entropy, l1_loss
 
 # %% auto 0
 __all__ = ['RPN_SAMPLING', 'RCNN_SAMPLING', 'RPN_TRAIN_PROPOSALS', 'RPN_TEST_PROPOSALS', 'MaxIoUSampling', 'ProposalCfg',
-           'assign_and_sample', 'flatten_levels', 'check_pyramid', 'RPNHead', 'RPNTargets', 'rpn_targets_single',
-           'rpn_loss', 'rpn_proposals_single']
+           'assign_and_sample', 'RPNHead', 'RPNTargets', 'rpn_targets_single', 'rpn_loss', 'rpn_proposals_single',
+           'RPNConfig']
 
 # %% ../../nbs/heads/52_rpn.ipynb
 @dataclass(frozen=True)
@@ -65,28 +65,6 @@ def assign_and_sample(priors_xyxy: Tensor, # (A, 4) anchors or proposals, absolu
     return priors_xyxy, random_sample(assign, cfg.num, cfg.pos_fraction, generator=generator)
 
 # %% ../../nbs/heads/52_rpn.ipynb
-def flatten_levels(maps: list[Tensor], # per level (B, A * D, H, W) dense head outputs
-                   d: int,             # values per anchor (1 logit, 4 deltas, ...)
-                  ) -> Tensor:         # (B, sum H*W*A, D), level by level, location-major
-    "Flatten dense per-level outputs in the anchor order of `grid_priors`."
-    return torch.cat([m.permute(0, 2, 3, 1).reshape(m.shape[0], -1, d) for m in maps], 1)  # (B, S, D)
-
-def check_pyramid(name: str, pyramid: list[Tensor], levels: int, channels: int):
-    "Raise a ValueError naming `name` unless `pyramid` has `levels` (B, `channels`, H, W) maps (also used by the RoI head)."
-    if len(pyramid) < levels or any(p.ndim != 4 or p.shape[1] != channels for p in pyramid[:levels]):
-        got = [tuple(p.shape) for p in pyramid]
-        raise ValueError(f"{name}: pyramid must hold at least {levels} maps (B, {channels}, H, W), got {got}")
-
-def _check_targets(name: str, targets: list[dict], img_sizes: list, batch: int):
-    if len(targets) != batch or len(img_sizes) != batch:
-        raise ValueError(f"{name}: expected {batch} targets and img_sizes (one per image), "
-                         f"got {len(targets)} and {len(img_sizes)}")
-    for t in targets:
-        if t["boxes"].ndim != 2 or t["boxes"].shape[-1] != 4 or t["labels"].shape != t["boxes"].shape[:1]:
-            raise ValueError(f"{name}: each target needs `boxes` (G, 4) and `labels` (G,), got "
-                             f"{tuple(t['boxes'].shape)} and {tuple(t['labels'].shape)}")
-
-# %% ../../nbs/heads/52_rpn.ipynb
 class RPNHead(nn.Module):
     "mmdet's RPNHead on the Co-DETR pyramid: objectness and deltas for 9 anchors per location."
     def __init__(self,
@@ -125,6 +103,51 @@ class RPNHead(nn.Module):
         "Per level (H*W*A, 4) absolute xyxy anchors for these map sizes."
         sizes = [tuple(p.shape[-2:]) for p in pyramid[:self.num_levels]]
         return self.anchor_generator.grid_priors(sizes, device=pyramid[0].device, dtype=pyramid[0].dtype)
+
+    def get_targets(self, pyramid: list[Tensor], anchors: list[Tensor], targets: list[dict],
+                    img_sizes: list[tuple[int, int]], generator: torch.Generator | None = None) -> list[RPNTargets]:
+        "Per image RPN targets of all anchors (levels concatenated), from `rpn_targets_single`."
+        sizes = [tuple(p.shape[-2:]) for p in pyramid[:self.num_levels]]
+        flat = torch.cat(anchors)  # (A, 4)
+        out = []
+        for t, hw in zip(targets, img_sizes):
+            valid = torch.cat(self.anchor_generator.valid_flags(sizes, tuple(hw), device=flat.device))  # (A,)
+            out.append(rpn_targets_single(flat, valid, t["boxes"], self.sampling, self.box_coder, generator))
+        return out
+
+    def get_proposals(self, logits: list[Tensor], deltas: list[Tensor], anchors: list[Tensor],
+                      img_sizes: list[tuple[int, int]], cfg: ProposalCfg) -> tuple[list[Tensor], list[Tensor]]:
+        "Per image proposals (P, 4) and scores (P,) from per-level logits and deltas (`rpn_proposals_single`)."
+        boxes, scores = [], []
+        for b, hw in enumerate(img_sizes):
+            lg = [l[b].permute(1, 2, 0).reshape(-1) for l in logits]     # per level (A_l,)
+            dl = [d[b].permute(1, 2, 0).reshape(-1, 4) for d in deltas]  # per level (A_l, 4)
+            bx, sc = rpn_proposals_single(lg, dl, anchors, tuple(hw), cfg, self.box_coder)
+            boxes.append(bx); scores.append(sc)
+        return boxes, scores
+
+    def forward_train(self,
+                      pyramid: list[Tensor],             # per level (B, C, H, W)
+                      targets: list[dict],               # per image `boxes` (G, 4) absolute xyxy
+                      img_sizes: list[tuple[int, int]],  # per image unpadded (h, w)
+                      generator: torch.Generator | None = None,
+                     ) -> tuple[dict[str, Tensor], list[Tensor]]: # losses and per image (P, 4) proposals
+        "RPN losses (`rpn_loss`) and the detached training proposals of every image."
+        check_targets("RPNHead.forward_train", targets, img_sizes, len(pyramid[0]))
+        logits, deltas = self(pyramid)
+        anchors = self.anchors(pyramid)
+        rpn_t = self.get_targets(pyramid, anchors, targets, img_sizes, generator)
+        losses = rpn_loss(flatten_levels(logits, 1), flatten_levels(deltas, 4), rpn_t,
+                          self.loss_cls_weight, self.loss_bbox_weight)
+        proposals, _ = self.get_proposals(logits, deltas, anchors, img_sizes, self.train_proposals)
+        return losses, proposals
+
+    @torch.no_grad()
+    def predict(self, pyramid: list[Tensor], img_sizes: list[tuple[int, int]]
+               ) -> tuple[list[Tensor], list[Tensor]]:
+        "Test-time proposals and scores per image (`test_proposals` settings)."
+        logits, deltas = self(pyramid)
+        return self.get_proposals(logits, deltas, self.anchors(pyramid), img_sizes, self.test_proposals)
 
 # %% ../../nbs/heads/52_rpn.ipynb
 @dataclass
@@ -206,51 +229,26 @@ def rpn_proposals_single(logits: list[Tensor],  # per level (A_l,) objectness lo
     return boxes[keep], scores[keep]
 
 # %% ../../nbs/heads/52_rpn.ipynb
-@patch
-def get_targets(self: RPNHead, pyramid: list[Tensor], anchors: list[Tensor], targets: list[dict],
-                img_sizes: list[tuple[int, int]], generator: torch.Generator | None = None) -> list[RPNTargets]:
-    "Per image RPN targets of all anchors (levels concatenated)."
-    sizes = [tuple(p.shape[-2:]) for p in pyramid[:self.num_levels]]
-    flat = torch.cat(anchors)  # (A, 4)
-    out = []
-    for t, hw in zip(targets, img_sizes):
-        valid = torch.cat(self.anchor_generator.valid_flags(sizes, tuple(hw), device=flat.device))  # (A,)
-        out.append(rpn_targets_single(flat, valid, t["boxes"], self.sampling, self.box_coder, generator))
-    return out
+@dataclass(frozen=True)
+class RPNConfig(Config):
+    "RPN, the first stage of the RPN + RoI auxiliary head (spec 2.3; anchors from `rpn_anchor_generator`)."
+    pos_iou_thr: float = 0.7
+    neg_iou_thr: float = 0.3
+    min_pos_iou: float = 0.3
+    num_samples: int = 256
+    pos_fraction: float = 0.5
+    nms_pre: int = 4000                         # training proposals: per-level top-k before NMS
+    nms_iou: float = 0.7
+    max_per_img: int = 1000
+    loss_cls_weight: float = 1.0                # base weights, x the auxiliary loss factor at build time
+    loss_bbox_weight: float = 1.0
 
-@patch
-def get_proposals(self: RPNHead, logits: list[Tensor], deltas: list[Tensor], anchors: list[Tensor],
-                  img_sizes: list[tuple[int, int]], cfg: ProposalCfg) -> tuple[list[Tensor], list[Tensor]]:
-    "Per image proposals (P, 4) and scores (P,) from per-level logits and deltas."
-    boxes, scores = [], []
-    for b, hw in enumerate(img_sizes):
-        lg = [l[b].permute(1, 2, 0).reshape(-1) for l in logits]     # per level (A_l,)
-        dl = [d[b].permute(1, 2, 0).reshape(-1, 4) for d in deltas]  # per level (A_l, 4)
-        bx, sc = rpn_proposals_single(lg, dl, anchors, tuple(hw), cfg, self.box_coder)
-        boxes.append(bx); scores.append(sc)
-    return boxes, scores
+    def build(self, in_channels: int, strides: tuple[int, ...], loss_factor: float) -> RPNHead:
+        sampling = MaxIoUSampling(self.pos_iou_thr, self.neg_iou_thr, self.min_pos_iou, True, self.num_samples,
+                                  self.pos_fraction, False)
+        return RPNHead(in_channels, in_channels, tuple(strides), loss_cls_weight=self.loss_cls_weight * loss_factor,
+                       loss_bbox_weight=self.loss_bbox_weight * loss_factor, sampling=sampling,
+                       train_proposals=ProposalCfg(self.nms_pre, self.max_per_img, self.nms_iou))
 
-@patch
-def forward_train(self: RPNHead,
-                  pyramid: list[Tensor],             # per level (B, C, H, W)
-                  targets: list[dict],               # per image `boxes` (G, 4) absolute xyxy
-                  img_sizes: list[tuple[int, int]],  # per image unpadded (h, w)
-                  generator: torch.Generator | None = None,
-                 ) -> tuple[dict[str, Tensor], list[Tensor]]: # losses and per image (P, 4) proposals
-    "RPN losses and the detached training proposals of every image."
-    _check_targets("RPNHead.forward_train", targets, img_sizes, len(pyramid[0]))
-    logits, deltas = self(pyramid)
-    anchors = self.anchors(pyramid)
-    rpn_t = self.get_targets(pyramid, anchors, targets, img_sizes, generator)
-    losses = rpn_loss(flatten_levels(logits, 1), flatten_levels(deltas, 4), rpn_t,
-                      self.loss_cls_weight, self.loss_bbox_weight)
-    proposals, _ = self.get_proposals(logits, deltas, anchors, img_sizes, self.train_proposals)
-    return losses, proposals
-
-@patch
-@torch.no_grad()
-def predict(self: RPNHead, pyramid: list[Tensor], img_sizes: list[tuple[int, int]]
-           ) -> tuple[list[Tensor], list[Tensor]]:
-    "Test-time proposals and scores per image (`test_proposals` settings)."
-    logits, deltas = self(pyramid)
-    return self.get_proposals(logits, deltas, self.anchors(pyramid), img_sizes, self.test_proposals)
+    def loss_weights(self, loss_factor: float) -> dict[str, float]:
+        return {"loss_rpn_cls": self.loss_cls_weight * loss_factor, "loss_rpn_bbox": self.loss_bbox_weight * loss_factor}

@@ -13,7 +13,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from .box_ops import box_cxcywh_to_xyxy, box_iof, box_iou, generalized_box_iou
+from .box_ops import box_cxcywh_to_xyxy, box_iof, box_iou, generalized_box_iou, whwh as box_whwh
 
 # %% auto 0
 __all__ = ['AssignResult', 'max_iou_assign', 'atss_thresholds', 'atss_assign', 'SamplingResult', 'pseudo_sample', 'random_sample',
@@ -233,10 +233,6 @@ def focal_cost(pred_logits: Tensor, # (N, K) class logits
     neg = -(1 - p + eps).log() * (1 - alpha) * p.pow(gamma)  # (N, G)
     return pos - neg  # (N, G)
 
-def _whwh(img_hw: Sequence[tuple[int, int]], like: Tensor) -> Tensor:
-    "(B, 4) scale factors (w, h, w, h) from per-image (h, w)."
-    return torch.tensor([[w, h, w, h] for h, w in img_hw], dtype=like.dtype, device=like.device)  # (B, 4)
-
 def _cost(pred_logits: Tensor, pred_boxes_cxcywh: Tensor, pred_whwh: Tensor, gt_labels: Tensor,
           gt_boxes_cxcywh: Tensor, gt_whwh: Tensor, *, cls_weight: float, l1_weight: float, giou_weight: float,
           alpha: float, gamma: float) -> Tensor:
@@ -258,7 +254,7 @@ def match_cost(pred_logits: Tensor,       # (Q, K) class logits of one image
                alpha: float = 0.25, gamma: float = 2.0,
               ) -> Tensor:                # (Q, G) matching cost
     "The Hungarian matcher's cost matrix for one image (spec 4.1)."
-    whwh = _whwh([img_hw], pred_boxes_cxcywh)  # (1, 4)
+    whwh = box_whwh([img_hw], pred_boxes_cxcywh)  # (1, 4)
     return _cost(pred_logits, pred_boxes_cxcywh, whwh, gt_labels, gt_boxes_cxcywh, whwh, cls_weight=cls_weight,
                  l1_weight=l1_weight, giou_weight=giou_weight, alpha=alpha, gamma=gamma)  # (Q, G)
 
@@ -301,7 +297,7 @@ def batch_match_cost(pred_logits: Tensor,       # (B, Q, K) class logits
     "Every image's matching cost, on the predictions' device, concatenated along the boxes."
     B, Q, K = pred_logits.shape
     w = dict(cls_weight=cls_weight, l1_weight=l1_weight, giou_weight=giou_weight, alpha=alpha, gamma=gamma)
-    whwh = _whwh(img_hw, pred_boxes_cxcywh)  # (B, 4)
+    whwh = box_whwh(img_hw, pred_boxes_cxcywh)  # (B, 4)
     labels = [l.to(pred_logits.device).long() for l in gt_labels]
     boxes = [b.to(pred_boxes_cxcywh) for b in gt_boxes_cxcywh]
     if one_tensor is None: one_tensor = pred_logits.device.type != "cpu"

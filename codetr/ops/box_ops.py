@@ -5,13 +5,15 @@
 # %% ../../nbs/ops/10_box_ops.ipynb 3
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
 # %% auto 0
 __all__ = ['box_cxcywh_to_xyxy', 'box_xyxy_to_cxcywh', 'box_xywh_to_xyxy', 'box_xyxy_to_xywh', 'box_cxcywh_to_xywh',
            'box_xywh_to_cxcywh', 'box_convert', 'box_area', 'clip_boxes', 'scale_boxes', 'box_iou', 'box_iof',
-           'generalized_box_iou', 'box_iou_aligned', 'generalized_box_iou_aligned', 'inverse_sigmoid']
+           'generalized_box_iou', 'box_iou_aligned', 'generalized_box_iou_aligned', 'inverse_sigmoid', 'whwh']
 
 # %% ../../nbs/ops/10_box_ops.ipynb
 def box_cxcywh_to_xyxy(boxes_cxcywh: Tensor) -> Tensor:
@@ -159,3 +161,9 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     "Logit of `x` with the official clamping, so 0 and 1 map to finite values."
     x = x.clamp(0, 1)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+def whwh(img_sizes: Sequence[tuple[int, int]], # (h, w) of each image
+         like: Tensor,                         # dtype and device of the result
+        ) -> Tensor:                           # (B, 4)
+    "Per-image factors (w, h, w, h) that turn normalised boxes into pixels (and back, by division)."
+    return torch.tensor([[w, h, w, h] for h, w in img_sizes], dtype=like.dtype, device=like.device)  # (B, 4)

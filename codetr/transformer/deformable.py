@@ -11,15 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core.config import Config
 from ..ops.box_ops import inverse_sigmoid
 from ..ops.msda import MSDeformAttn
-from fastcore.basics import patch
-
-from .position import encoder_reference_points, gen_encoder_output_proposals, proposal_pos_embed, valid_ratios
+from .position import (encoder_reference_points, gen_encoder_output_proposals, proposal_pos_embed,
+                                         sine_embed_dino, valid_ratios)
 
 # %% auto 0
 __all__ = ['DeformableEncoderLayer', 'DeformableDecoderLayer', 'DeformableEncoder', 'DeformableDecoder', 'TransformerOutput',
-           'flatten_feature_levels', 'CoDeformableTransformer']
+           'flatten_feature_levels', 'TransformerConfig', 'DeformableTransformer', 'CoDeformableTransformer']
 
 # %% ../../nbs/transformer/41_deformable.ipynb
 class DeformableEncoderLayer(nn.Module):
@@ -106,15 +106,22 @@ class DeformableEncoder(nn.Module):
         return src
 
 class DeformableDecoder(nn.Module):
-    "A stack of post-norm decoder layers with box refinement and look-forward-twice references."
-    def __init__(self, num_layers: int = 6, **layer_kwargs):
+    "A stack of post-norm decoder layers with box refinement and look-forward-twice references (and DINO's hooks)."
+    def __init__(self, num_layers: int = 6,
+                 query_pos_from_refs: bool = False, # DINO: recompute query_pos from the references at every layer
+                 final_norm: bool = False,          # DINO: LayerNorm on every returned layer output
+                 ref_eps: float = 1e-5,             # inverse_sigmoid clamp in the refinement (DINO: 1e-3)
+                 **layer_kwargs):
         super().__init__()
-        self.num_layers = num_layers
+        self.num_layers, self.ref_eps = num_layers, ref_eps
         self.layers = nn.ModuleList([DeformableDecoderLayer(**layer_kwargs) for _ in range(num_layers)])
+        C = layer_kwargs.get("embed_dims", 256)
+        self.ref_point_head = nn.Sequential(nn.Linear(2 * C, C), nn.ReLU(), nn.Linear(C, C)) if query_pos_from_refs else None
+        self.norm = nn.LayerNorm(C) if final_norm else None
 
     def forward(self,
                 query: Tensor,              # (B, Q, C) content queries
-                query_pos: Tensor,          # (B, Q, C) positional queries
+                query_pos: Tensor | None,   # (B, Q, C) positional queries (None with `query_pos_from_refs`)
                 reference_points: Tensor,   # (B, Q, 4) initial boxes, normalised cxcywh (sigmoid space)
                 memory: Tensor,             # (B, S, C)
                 spatial_shapes: Tensor,     # (L, 2) int64
@@ -122,16 +129,23 @@ class DeformableDecoder(nn.Module):
                 valid_ratios: Tensor,       # (B, L, 2) as (w, h)
                 memory_pad_mask: Tensor | None,  # (B, S) True = padding
                 reg_branches: nn.ModuleList | None = None, # box refinement: reg_branches[l] maps (.., C) -> (.., 4)
-                self_attn_mask: Tensor | None = None,
+                self_attn_mask: Tensor | None = None,      # (Q, Q) or (B*M, Q, Q) bool, True = blocked
                ) -> tuple[Tensor, Tensor]:  # hs (N, B, Q, C), references (N, B, Q, 4) non-detached r_{l+1}
+        if (query_pos is None) != (self.ref_point_head is not None):
+            raise ValueError("DeformableDecoder: pass query_pos exactly when the decoder does not recompute it "
+                             f"(query_pos_from_refs={self.ref_point_head is not None})")
         ratios = torch.cat([valid_ratios, valid_ratios], -1)[:, None]  # (B, 1, L, 4)
         ref, hs, refs = reference_points, [], []
         for l, layer in enumerate(self.layers):
-            query = layer(query, query_pos, ref[:, :, None] * ratios, memory, spatial_shapes, level_start_index,
+            ref_input = ref[:, :, None] * ratios  # (B, Q, L, 4)
+            if self.ref_point_head is not None:
+                C = query.shape[-1]
+                query_pos = self.ref_point_head(sine_embed_dino(ref_input[:, :, 0], C // 2).to(query.dtype))  # (B, Q, C)
+            query = layer(query, query_pos, ref_input, memory, spatial_shapes, level_start_index,
                           memory_pad_mask, self_attn_mask)  # (B, Q, C)
-            new_ref = ref if reg_branches is None else (reg_branches[l](query) + inverse_sigmoid(ref)).sigmoid()  # (B, Q, 4)
+            new_ref = ref if reg_branches is None else (reg_branches[l](query) + inverse_sigmoid(ref, self.ref_eps)).sigmoid()  # (B, Q, 4)
             ref = new_ref.detach()
-            hs.append(query)
+            hs.append(query if self.norm is None else self.norm(query))
             refs.append(new_ref)
         return torch.stack(hs), torch.stack(refs)  # (N, B, Q, C), (N, B, Q, 4)
 
@@ -169,7 +183,92 @@ def flatten_feature_levels(feats: list[Tensor],      # per level (B, C, H_l, W_l
     return src, mask, pos.to(src.dtype), shapes, starts
 
 # %% ../../nbs/transformer/41_deformable.ipynb
-class CoDeformableTransformer(nn.Module):
+@dataclass(frozen=True)
+class TransformerConfig(Config):
+    "Sizes of the deformable encoder and decoder (spec 1.1, 1.2)."
+    embed_dims: int = 256
+    num_heads: int = 8
+    num_levels: int = 4                         # feature levels seen by the transformer (neck outputs)
+    num_points: int = 4
+    num_encoder_layers: int = 6
+    num_decoder_layers: int = 6
+    ffn_dims: int = 2048
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.embed_dims % self.num_heads:
+            raise ValueError(f"TransformerConfig: embed_dims={self.embed_dims} is not divisible by num_heads={self.num_heads}")
+
+    @property
+    def layer_kwargs(self) -> dict:
+        "The keyword arguments of the encoder and decoder layers."
+        return dict(embed_dims=self.embed_dims, num_heads=self.num_heads, num_levels=self.num_levels,
+                    num_points=self.num_points, ffn_dims=self.ffn_dims, dropout=self.dropout)
+
+    def official_rules(self) -> list[tuple[str, str]]:
+        "(ours, official) regex pairs renaming the encoder and decoder layer parts (spec 8.4)."
+        return [(r"(decoder\.layers\.\d+)\.self_attn\.", r"\1.attentions.0.attn."),
+                (r"(encoder\.layers\.\d+)\.self_attn\.", r"\1.attentions.0."),
+                (r"(decoder\.layers\.\d+)\.cross_attn\.", r"\1.attentions.1."),
+                (r"(coder\.layers\.\d+)\.linear1\.", r"\1.ffns.0.layers.0.0."),
+                (r"(coder\.layers\.\d+)\.linear2\.", r"\1.ffns.0.layers.1."),
+                (r"(coder\.layers\.\d+)\.norm1\.", r"\1.norms.0."),
+                (r"(coder\.layers\.\d+)\.norm2\.", r"\1.norms.1."),
+                (r"(coder\.layers\.\d+)\.norm3\.", r"\1.norms.2.")]
+
+# %% ../../nbs/transformer/41_deformable.ipynb
+class DeformableTransformer(nn.Module):
+    "Encoder, two-stage proposal scoring and refining decoder shared by Co-DETR's transformers."
+    def __init__(self,
+                 cfg: TransformerConfig = TransformerConfig(),
+                 query_pos_from_refs: bool = False, # the decoder's DINO hooks (see `DeformableDecoder`)
+                 final_norm: bool = False,
+                 ref_eps: float = 1e-5,
+                ):
+        super().__init__()
+        C, kw = cfg.embed_dims, cfg.layer_kwargs
+        self.embed_dims, self.num_levels = C, cfg.num_levels
+        self.encoder = DeformableEncoder(cfg.num_encoder_layers, **kw)
+        self.decoder = DeformableDecoder(cfg.num_decoder_layers, query_pos_from_refs, final_norm, ref_eps, **kw)
+        self.level_embeds = nn.Parameter(torch.empty(cfg.num_levels, C))
+        self.enc_output = nn.Linear(C, C)
+        self.enc_output_norm = nn.LayerNorm(C)
+
+    def init_weights(self) -> None:
+        "xavier-uniform on every parameter with dim > 1, then the MSDA init, then N(0, 1) level embeddings."
+        for p in self.parameters():
+            if p.dim() > 1: nn.init.xavier_uniform_(p)
+        for m in self.modules():
+            if isinstance(m, MSDeformAttn): m.init_weights()
+        nn.init.normal_(self.level_embeds)
+
+    def encode(self,
+               feats: list[Tensor],      # per level (B, C, H_l, W_l)
+               pad_masks: list[Tensor],  # per level (B, H_l, W_l) True = padding
+               pos_embeds: list[Tensor], # per level (B, C, H_l, W_l) sine encodings
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]: # memory (B, S, C), mask (B, S), shapes, starts, ratios (B, L, 2)
+        "Flatten the levels with their level embeddings and run the encoder."
+        if len(feats) != self.num_levels:
+            raise ValueError(f"{type(self).__name__}: expected {self.num_levels} levels in feats, got {len(feats)}")
+        src, mask, pos, shapes, starts = flatten_feature_levels(feats, pad_masks, pos_embeds, self.level_embeds)
+        ratios = torch.stack([valid_ratios(m) for m in pad_masks], 1).to(src.dtype)  # (B, L, 2)
+        return self.encoder(src, pos, shapes, starts, ratios, mask), mask, shapes, starts, ratios
+
+    def score_proposals(self, memory: Tensor, memory_pad_mask: Tensor, spatial_shapes: Tensor,
+                        cls_branch: nn.Module, reg_branch: nn.Module) -> tuple[Tensor, Tensor]:
+        "Class logits (B, S, K) and box logits (B, S, 4) of every encoder token's proposal (two-stage)."
+        output_memory, proposals = gen_encoder_output_proposals(memory, memory_pad_mask, spatial_shapes)  # (B, S, C), (B, S, 4)
+        output_memory = self.enc_output_norm(self.enc_output(output_memory))  # (B, S, C)
+        return cls_branch(output_memory), reg_branch(output_memory) + proposals.to(memory.dtype)  # (B, S, K), (B, S, 4)
+
+    def decode(self, query: Tensor, query_pos: Tensor | None, reference: Tensor, state: TransformerOutput,
+               reg_branches: nn.ModuleList, self_attn_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        "Run the decoder on queries (B, Q, C) with references (B, Q, 4) against the memory in `state`."
+        return self.decoder(query, query_pos, reference, state.memory, state.spatial_shapes, state.level_start_index,
+                            state.valid_ratios, state.memory_pad_mask, reg_branches, self_attn_mask)
+
+# %% ../../nbs/transformer/41_deformable.ipynb
+class CoDeformableTransformer(DeformableTransformer):
     "Co-Deformable-DETR's transformer: encoder, two-stage top-k, mixed selection, refining decoder, `forward_aux`."
     def __init__(self,
                  embed_dims: int = 256,        # C
@@ -183,16 +282,9 @@ class CoDeformableTransformer(nn.Module):
                  num_co_heads: int = 2,        # auxiliary heads feeding positive queries (0: plain Deformable DETR)
                  with_coord_feat: bool = True, # add the auxiliary heads' content features to the positive queries
                 ):
-        super().__init__()
-        kw = dict(embed_dims=embed_dims, num_heads=num_heads, num_levels=num_levels, num_points=num_points,
-                  ffn_dims=ffn_dims, dropout=dropout)
-        self.embed_dims, self.num_levels, self.num_co_heads = embed_dims, num_levels, num_co_heads
-        self.with_coord_feat = with_coord_feat
-        self.encoder = DeformableEncoder(num_encoder_layers, **kw)
-        self.decoder = DeformableDecoder(num_decoder_layers, **kw)
-        self.level_embeds = nn.Parameter(torch.empty(num_levels, embed_dims))
-        self.enc_output = nn.Linear(embed_dims, embed_dims)
-        self.enc_output_norm = nn.LayerNorm(embed_dims)
+        super().__init__(TransformerConfig(embed_dims, num_heads, num_levels, num_points, num_encoder_layers,
+                                           num_decoder_layers, ffn_dims, dropout))
+        self.num_co_heads, self.with_coord_feat = num_co_heads, with_coord_feat
         self.pos_trans = nn.Linear(2 * embed_dims, 2 * embed_dims)
         self.pos_trans_norm = nn.LayerNorm(2 * embed_dims)
         if num_co_heads > 0: self._build_aux(embed_dims, num_co_heads)
@@ -206,86 +298,59 @@ class CoDeformableTransformer(nn.Module):
             self.pos_feats_trans = nn.ModuleList([nn.Linear(C, C) for _ in range(n)])
             self.pos_feats_norm = nn.ModuleList([nn.LayerNorm(C) for _ in range(n)])
 
-    def init_weights(self) -> None:
-        "xavier-uniform on every parameter with dim > 1, then the MSDA init, then N(0, 1) level embeddings."
-        for p in self.parameters():
-            if p.dim() > 1: nn.init.xavier_uniform_(p)
-        for m in self.modules():
-            if isinstance(m, MSDeformAttn): m.init_weights()
-        nn.init.normal_(self.level_embeds)
+    def select_queries(self, enc_class: Tensor, enc_coord_unact: Tensor,
+                       query_embed: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        "Top-k proposals on class 0 and mixed selection: content (B, Q, C), pos (B, Q, C), reference (B, Q, 4), indices (B, Q)."
+        B, S, _ = enc_class.shape
+        Q, C = query_embed.shape
+        if S < Q: raise ValueError(f"CoDeformableTransformer: {S} encoder tokens cannot give {Q} queries; use larger "
+                                   f"images or fewer queries (query_embed has {Q} rows)")
+        topk = enc_class[..., 0].topk(Q, dim=1).indices  # (B, Q)
+        coords_unact = enc_coord_unact.gather(1, topk[..., None].expand(B, Q, 4)).detach()  # (B, Q, 4)
+        pos = self.pos_trans_norm(self.pos_trans(proposal_pos_embed(coords_unact, C // 2).to(query_embed.dtype)))  # (B, Q, 2C)
+        query = query_embed[None].expand(B, Q, C)  # (B, Q, C) learned content queries
+        return query, pos[..., :C], coords_unact.sigmoid(), topk
 
-# %% ../../nbs/transformer/41_deformable.ipynb
-def _two_stage(self: CoDeformableTransformer, memory: Tensor, memory_pad_mask: Tensor, spatial_shapes: Tensor,
-               cls_branch: nn.Module, reg_branch: nn.Module) -> tuple[Tensor, Tensor]:
-    "Class logits (B, S, K) and box logits (B, S, 4) of every encoder token's proposal."
-    output_memory, proposals = gen_encoder_output_proposals(memory, memory_pad_mask, spatial_shapes)  # (B, S, C), (B, S, 4)
-    output_memory = self.enc_output_norm(self.enc_output(output_memory))  # (B, S, C)
-    return cls_branch(output_memory), reg_branch(output_memory) + proposals.to(memory.dtype)  # (B, S, K), (B, S, 4)
+    def forward(self,
+                feats: list[Tensor],        # per level (B, C, H_l, W_l)
+                pad_masks: list[Tensor],    # per level (B, H_l, W_l) True = padding
+                pos_embeds: list[Tensor],   # per level (B, C, H_l, W_l) sine encodings
+                query_embed: Tensor,        # (Q, C) the head's learned content queries
+                cls_branches: nn.ModuleList, # N + 1 class branches (the last one scores the proposals)
+                reg_branches: nn.ModuleList, # N + 1 box branches
+               ) -> TransformerOutput:
+        "Encoder, two-stage proposals, top-k with mixed selection, refining decoder."
+        memory, mask, shapes, starts, ratios = self.encode(feats, pad_masks, pos_embeds)  # memory (B, S, C)
+        n = self.decoder.num_layers
+        enc_class, enc_coord = self.score_proposals(memory, mask, shapes, cls_branches[n], reg_branches[n])  # (B, S, K), (B, S, 4)
+        query, query_pos, reference, topk = self.select_queries(enc_class, enc_coord, query_embed)  # (B, Q, C) x2, (B, Q, 4)
+        hs, refs = self.decoder(query, query_pos, reference, memory, shapes, starts, ratios, mask, reg_branches)
+        return TransformerOutput(hs, reference, refs, enc_class, enc_coord, memory, mask, shapes, starts, ratios, topk)
 
-def _select_queries(self: CoDeformableTransformer, enc_class: Tensor, enc_coord_unact: Tensor,
-                    query_embed: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    "Top-k proposals on class 0 and mixed selection: content (B, Q, C), pos (B, Q, C), reference (B, Q, 4), indices (B, Q)."
-    B, S, _ = enc_class.shape
-    Q, C = query_embed.shape
-    if S < Q: raise ValueError(f"CoDeformableTransformer: {S} encoder tokens cannot give {Q} queries; use larger images "
-                               f"or fewer queries (query_embed has {Q} rows)")
-    topk = enc_class[..., 0].topk(Q, dim=1).indices  # (B, Q)
-    coords_unact = enc_coord_unact.gather(1, topk[..., None].expand(B, Q, 4)).detach()  # (B, Q, 4)
-    pos = self.pos_trans_norm(self.pos_trans(proposal_pos_embed(coords_unact, C // 2).to(query_embed.dtype)))  # (B, Q, 2C)
-    query = query_embed[None].expand(B, Q, C)  # (B, Q, C) learned content queries
-    return query, pos[..., :C], coords_unact.sigmoid(), topk
+    def aux_queries(self, coords_cxcywh: Tensor, feats: Tensor | None, head_index: int) -> tuple[Tensor, Tensor]:
+        "Content (B, M, C) and positional (B, M, C) queries of auxiliary head `head_index`'s positive boxes (spec 3.3)."
+        C = self.embed_dims
+        pe = proposal_pos_embed(inverse_sigmoid(coords_cxcywh), C // 2).to(self.level_embeds.dtype)  # (B, M, 2C)
+        out = self.aux_pos_trans_norm[head_index](self.aux_pos_trans[head_index](pe))  # (B, M, 2C)
+        query_pos, query = out[..., :C], out[..., C:]  # (B, M, C) each
+        if self.with_coord_feat:
+            if feats is not None: query = query + self.pos_feats_norm[head_index](self.pos_feats_trans[head_index](feats))
+            query_pos = query_pos + self.head_pos_embed.weight[head_index]  # one scalar on every channel (spec 3.4)
+        return query, query_pos
 
-# %% ../../nbs/transformer/41_deformable.ipynb
-@patch
-def forward(self: CoDeformableTransformer,
-            feats: list[Tensor],        # per level (B, C, H_l, W_l)
-            pad_masks: list[Tensor],    # per level (B, H_l, W_l) True = padding
-            pos_embeds: list[Tensor],   # per level (B, C, H_l, W_l) sine encodings
-            query_embed: Tensor,        # (Q, C) the head's learned content queries
-            cls_branches: nn.ModuleList, # N + 1 class branches (the last one scores the proposals)
-            reg_branches: nn.ModuleList, # N + 1 box branches
-           ) -> TransformerOutput:
-    "Encoder, two-stage proposals, top-k with mixed selection, refining decoder."
-    if len(feats) != self.num_levels:
-        raise ValueError(f"CoDeformableTransformer: expected {self.num_levels} levels in feats, got {len(feats)}")
-    src, mask, pos, shapes, starts = flatten_feature_levels(feats, pad_masks, pos_embeds, self.level_embeds)
-    # src (B, S, C), mask (B, S), pos (B, S, C), shapes (L, 2), starts (L,)
-    ratios = torch.stack([valid_ratios(m) for m in pad_masks], 1).to(src.dtype)  # (B, L, 2)
-    memory = self.encoder(src, pos, shapes, starts, ratios, mask)  # (B, S, C)
-    n = self.decoder.num_layers
-    enc_class, enc_coord = _two_stage(self, memory, mask, shapes, cls_branches[n], reg_branches[n])  # (B, S, K), (B, S, 4)
-    query, query_pos, reference, topk = _select_queries(self, enc_class, enc_coord, query_embed)  # (B, Q, C) x2, (B, Q, 4)
-    hs, refs = self.decoder(query, query_pos, reference, memory, shapes, starts, ratios, mask, reg_branches)
-    return TransformerOutput(hs, reference, refs, enc_class, enc_coord, memory, mask, shapes, starts, ratios, topk)
-
-# %% ../../nbs/transformer/41_deformable.ipynb
-def _aux_queries(self: CoDeformableTransformer, coords_cxcywh: Tensor, feats: Tensor | None,
-                 head_idx: int) -> tuple[Tensor, Tensor]:
-    "Content (B, M, C) and positional (B, M, C) queries of head `head_idx`'s positive boxes (spec 3.3)."
-    C = self.embed_dims
-    pe = proposal_pos_embed(inverse_sigmoid(coords_cxcywh), C // 2).to(self.level_embeds.dtype)  # (B, M, 2C)
-    out = self.aux_pos_trans_norm[head_idx](self.aux_pos_trans[head_idx](pe))  # (B, M, 2C)
-    query_pos, query = out[..., :C], out[..., C:]  # (B, M, C) each
-    if self.with_coord_feat:
-        if feats is not None: query = query + self.pos_feats_norm[head_idx](self.pos_feats_trans[head_idx](feats))
-        query_pos = query_pos + self.head_pos_embed.weight[head_idx]  # one scalar on every channel (spec 3.4)
-    return query, query_pos
-
-@patch
-def forward_aux(self: CoDeformableTransformer,
-                enc: TransformerOutput,     # the main pass (memory, masks, shapes, valid ratios)
-                coords_cxcywh: Tensor,      # (B, M, 4) positive boxes, normalised cxcywh, no gradient
-                feats: Tensor | None,       # (B, M, C) their content features (None: none)
-                reg_branches: nn.ModuleList, # the head's box branches (the same as the main pass)
-                head_idx: int,              # which auxiliary head: 0 = RCNN, 1 = ATSS
-               ) -> tuple[Tensor, Tensor]:  # hs (N, B, M, C), inter_references (N, B, M, 4)
-    "Decode one auxiliary head's customized positive queries with the shared decoder (spec 3.3)."
-    if not 0 <= head_idx < self.num_co_heads:
-        raise ValueError(f"forward_aux: head_idx must be in [0, {self.num_co_heads}), got {head_idx}")
-    if coords_cxcywh.ndim != 3 or coords_cxcywh.shape[-1] != 4 or coords_cxcywh.shape[0] != enc.memory.shape[0]:
-        raise ValueError(f"forward_aux: coords_cxcywh must be ({enc.memory.shape[0]}, M, 4), "
-                         f"got {tuple(coords_cxcywh.shape)}")
-    reference = coords_cxcywh.detach().to(enc.memory.dtype)  # (B, M, 4)
-    query, query_pos = _aux_queries(self, reference, feats, head_idx)  # (B, M, C) x2
-    return self.decoder(query, query_pos, reference, enc.memory, enc.spatial_shapes, enc.level_start_index,
-                        enc.valid_ratios, enc.memory_pad_mask, reg_branches)
+    def forward_aux(self,
+                    state: TransformerOutput,    # the main pass (memory, masks, shapes, valid ratios)
+                    coords_cxcywh: Tensor,       # (B, M, 4) positive boxes, normalised cxcywh, no gradient
+                    feats: Tensor | None,        # (B, M, C) their content features (None: none)
+                    reg_branches: nn.ModuleList, # the head's box branches (the same as the main pass)
+                    head_index: int,             # which auxiliary head (0 = RPN + RoI, 1 = ATSS officially)
+                   ) -> tuple[Tensor, Tensor]:   # hs (N, B, M, C), inter_references (N, B, M, 4)
+        "Decode one auxiliary head's customized positive queries with the shared decoder (spec 3.3)."
+        if not 0 <= head_index < self.num_co_heads:
+            raise ValueError(f"forward_aux: head_index must be in [0, {self.num_co_heads}), got {head_index}")
+        if coords_cxcywh.ndim != 3 or coords_cxcywh.shape[-1] != 4 or coords_cxcywh.shape[0] != state.memory.shape[0]:
+            raise ValueError(f"forward_aux: coords_cxcywh must be ({state.memory.shape[0]}, M, 4), "
+                             f"got {tuple(coords_cxcywh.shape)}")
+        reference = coords_cxcywh.detach().to(state.memory.dtype)  # (B, M, 4)
+        query, query_pos = self.aux_queries(reference, feats, head_index)  # (B, M, C) x2
+        return self.decode(query, query_pos, reference, state, reg_branches)

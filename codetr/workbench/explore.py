@@ -18,22 +18,20 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import Tensor, nn
 
-from ..ops.assigners import hungarian_match_batch
-from ..heads.atss import CoATSSHead
-from ..ops.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
-from ..models.config import CoDETRConfig, get_preset, override
 from ..data.coco import AugConfig, CocoDetection, build_dataset, collate, load_image
-from ..models.detector import CoDETR, build_model, pyramid_strides
-from ..ops.msda import MSDeformAttn
-from ..engine.predict import load_predictor
-from ..heads.roi import RPNRoIHead
-from ..heads.base import PositiveCoords
 from ..data.viz import class_color, draw_boxes, to_hwc_uint8
+from ..engine.predict import load_predictor
+from ..heads.base import HeadPositives
+from ..models.config import CoDETRConfig
+from ..models.detector import CoDETR, build_model
+from ..models.presets import get_preset
+from ..ops.box_ops import box_cxcywh_to_xyxy
+from ..ops.msda import MSDeformAttn
 
 # %% auto 0
-__all__ = ['PANEL_ORDER', 'open_dataset', 'explorer_model', 'ImageView', 'gt_view', 'class_counts', 'detect', 'filter_detections',
-           'Panel', 'Assignments', 'head_assignments', 'axes_grid', 'show_assignments', 'SamplingRecord',
-           'capture_sampling', 'DecoderSampling', 'decoder_sampling', 'show_sampling']
+__all__ = ['Panel', 'open_dataset', 'explorer_model', 'ImageView', 'gt_view', 'class_counts', 'detect', 'filter_detections',
+           'Assignments', 'head_assignments', 'axes_grid', 'show_assignments', 'SamplingRecord', 'capture_sampling',
+           'DecoderSampling', 'decoder_sampling', 'show_sampling']
 
 # %% ../../nbs/workbench/80_explore.ipynb
 def open_dataset(img_folder: str | Path | None = None, # image folder; the synthetic validation set when None
@@ -53,7 +51,7 @@ def explorer_model(checkpoint: str | Path | None = None, # a checkpoint file; No
     if checkpoint is not None:
         p = load_predictor(checkpoint, preset, ann_file)
         return p.model, p.cfg
-    cfg = override(get_preset(preset, num_classes), **{"backbone.weights": None})
+    cfg = get_preset(preset, num_classes).without_pretrained()
     torch.manual_seed(seed)
     return build_model(cfg).eval(), cfg
 
@@ -120,14 +118,7 @@ def filter_detections(det: dict[str, Tensor], score_thr: float = 0.0,
     return {k: v[keep] for k, v in det.items()}
 
 # %% ../../nbs/workbench/80_explore.ipynb
-@dataclass
-class Panel:
-    "One head's positives on one image."
-    title: str
-    boxes_xyxy: Tensor   # (N, 4) absolute xyxy, resized-image pixels
-    labels: Tensor       # (N,) class of the assigned box (colour)
-    gt_index: Tensor     # (N,) index of the assigned ground-truth box
-    note: str = ""       # extra detail for the caption (queries, levels)
+Panel = HeadPositives  # one head's positives on one image
 
 @dataclass
 class Assignments:
@@ -135,72 +126,15 @@ class Assignments:
     image: np.ndarray         # (h, w, 3) uint8, the resized input
     gt_boxes_xyxy: Tensor     # (G, 4) resized-image pixels
     gt_labels: Tensor         # (G,)
-    panels: dict[str, Panel]  # "detr", "rpn", "roi", "atss", "queries_rcnn", "queries_atss" (those the model has)
+    panels: dict[str, Panel]  # "detr", then each auxiliary head's stages ("rpn", "roi", "atss"), then "queries_<head>"
     featmap_sizes: list[tuple[int, int]] = field(default_factory=list) # (H_l, W_l) of the auxiliary heads' pyramid
 
     def counts(self) -> dict[str, int]: return {k: len(p.labels) for k, p in self.panels.items()}
 
-def _nearest_gt(boxes_xyxy: Tensor, gt_xyxy: Tensor) -> Tensor:
-    "(N,) index of the ground-truth box equal (up to rounding) to each assigned target box."
-    if len(gt_xyxy) == 0 or len(boxes_xyxy) == 0: return torch.zeros(len(boxes_xyxy), dtype=torch.long, device=boxes_xyxy.device)
-    return torch.cdist(boxes_xyxy.float(), gt_xyxy.float(), p=1).argmin(1)  # (N,)
-
-def _level_of(index: Tensor, per_level: Sequence[int]) -> Tensor:
-    "(N,) pyramid level of flat anchor indices, levels concatenated."
-    return torch.bucketize(index, torch.tensor(per_level, device=index.device).cumsum(0), right=True)
-
-# %% ../../nbs/workbench/80_explore.ipynb
-def _detr_panel(model: CoDETR, outputs, gt_labels: Tensor, gt_xyxy: Tensor, img_hw: tuple[int, int]) -> Panel:
-    "Hungarian matches of the last decoder layer: each box's one query, at the query's predicted box."
-    head, (h, w) = model.query_head, img_hw
-    whwh = gt_xyxy.new_tensor([w, h, w, h])
-    match = hungarian_match_batch(outputs.pred_logits, outputs.pred_boxes, [gt_labels],
-                                  [box_xyxy_to_cxcywh(gt_xyxy / whwh)], [img_hw], **head.match_weights)[0]
-    queries = (match.gt_inds > 0).nonzero().squeeze(1)  # (P,)
-    gt = match.gt_inds[queries] - 1
-    boxes = box_cxcywh_to_xyxy(outputs.pred_boxes[0, queries]) * whwh  # (P, 4)
-    return Panel("DETR head: Hungarian (one-to-one)", boxes, gt_labels[gt], gt,
-                 "queries " + ", ".join(str(int(q)) for q in queries[:12]) + (" ..." if len(queries) > 12 else ""))
-
-def _rcnn_panels(head: RPNRoIHead, pyramid, targets, img_sizes, seed: int) -> tuple[list[Panel], PositiveCoords]:
-    "RPN positive anchors and positive RoIs, with the same seeded draw as `forward_train`."
-    rpn, gt = head.rpn_head, targets[0]["boxes"]
-    anchors = rpn.anchors(pyramid)
-    t = rpn.get_targets(pyramid, anchors, targets, img_sizes, torch.Generator().manual_seed(seed))[0]
-    flat = torch.cat(anchors)  # (A, 4)
-    rpn_gt = _nearest_gt(rpn.box_coder.decode(flat[t.pos_inds], t.deltas[t.pos_inds]), gt)
-    levels = _level_of(t.pos_inds, [len(a) for a in anchors]).tolist()
-    rpn_panel = Panel("RPN: positive anchors", flat[t.pos_inds], targets[0]["labels"][rpn_gt], rpn_gt,
-                      f"levels {sorted(set(levels))}")
-    _, pos = head.forward_train(pyramid, targets, img_sizes, generator=torch.Generator().manual_seed(seed))
-    keep = pos.positive_mask(head.roi_head.num_classes)[0]  # (N,)
-    roi_panel = Panel("RoI head: positive RoIs", pos.coords_xyxy[0, keep], pos.labels[0, keep],
-                      _nearest_gt(pos.targets_xyxy[0, keep], gt), "ground-truth boxes are among the proposals")
-    return [rpn_panel, roi_panel], pos
-
-def _atss_panel(head: CoATSSHead, pyramid, targets, img_sizes, pad_hw) -> tuple[Panel, PositiveCoords]:
-    "ATSS positive anchors with their levels, and the head's PositiveCoords."
-    _, pos = head.forward_train(pyramid, targets, img_sizes, pad_hw)
-    tg = head.get_targets([p.shape[-2:] for p in pyramid], targets, img_sizes, pad_hw, pyramid[0].device)
-    idx = (tg.labels[0] < head.num_classes).nonzero().squeeze(1)  # (P,)
-    levels = _level_of(idx, tg.num_level_anchors).tolist()
-    return Panel("ATSS: positive anchors", tg.anchors_xyxy[idx], tg.labels[0, idx],
-                 _nearest_gt(tg.targets_xyxy[0, idx], targets[0]["boxes"]),
-                 f"levels {sorted(set(levels))}"), pos
-
-def _query_panel(model: CoDETR, pos: PositiveCoords, img_hw: tuple[int, int], gt: Tensor, seed: int) -> Panel:
-    "Reference boxes of the customized positive queries built from one head's positives."
-    aux = model.query_head.aux_queries(pos, [img_hw], torch.Generator().manual_seed(seed))
-    n, (h, w) = aux.num_pos[0], img_hw
-    whwh = aux.coords_cxcywh.new_tensor([w, h, w, h])
-    boxes = box_cxcywh_to_xyxy(aux.coords_cxcywh[0, :n]) * whwh  # (n, 4)
-    gt_idx = _nearest_gt(box_cxcywh_to_xyxy(aux.targets_cxcywh[0, :n]) * whwh, gt)
-    M = aux.coords_cxcywh.shape[1]
-    return Panel(f"positive queries from {pos.tag}", boxes, aux.labels[0, :n], gt_idx,
-                 f"{n} positives of {M} rows (the rest are negatives or padding)")
-
-# %% ../../nbs/workbench/80_explore.ipynb
-PANEL_ORDER = ("detr", "rpn", "roi", "atss", "queries_rcnn", "queries_atss")
+def _query_panel_name(head: nn.Module, taken: Collection[str]) -> str:
+    "`queries_<head name>`, made unique when two heads share a name."
+    name = f"queries_{getattr(head, 'name', head.head_index)}"
+    return name if name not in taken else f"{name}{head.head_index}"
 
 @torch.no_grad()
 def head_assignments(model: CoDETR, dataset: CocoDetection, index: int, seed: int = 0) -> Assignments:
@@ -211,18 +145,18 @@ def head_assignments(model: CoDETR, dataset: CocoDetection, index: int, seed: in
         tg = batch.targets[0]
         img_sizes, pad_hw = [tuple(tg["img_size"])], tuple(batch.images.shape[-2:])
         outputs = model.query_outputs(batch.images, batch.pad_mask)
-        panels = {"detr": _detr_panel(model, outputs, tg["labels"], tg["boxes"], img_sizes[0])}
-        pyramid = model.query_head.pyramid(outputs) if len(model.aux_heads) else []
+        panels = {"detr": model.query_head.explain_matches(outputs, tg["labels"], tg["boxes"], img_sizes[0])}
+        pyramid = model.pyramid(outputs) if len(model.aux_heads) else []
+        queries = {}
         for head in model.aux_heads:
-            if isinstance(head, RPNRoIHead):
-                (panels["rpn"], panels["roi"]), pos = _rcnn_panels(head, pyramid, batch.targets, img_sizes, seed)
-            else: panels["atss"], pos = _atss_panel(head, pyramid, batch.targets, img_sizes, pad_hw)
-            if model.cfg.pos_queries.enabled:
-                panels[f"queries_{pos.tag}"] = _query_panel(model, pos, img_sizes[0], tg["boxes"], seed)
+            shown, pos = head.explain(pyramid, batch.targets, img_sizes, pad_hw, seed)
+            panels |= shown
+            if model.query_head.positive_queries:
+                queries[_query_panel_name(head, queries)] = model.query_head.explain_positive_queries(
+                    pos, img_sizes[0], tg["boxes"], torch.Generator().manual_seed(seed))
     h, w = img_sizes[0]
     cpu = lambda t: t.detach().cpu()
-    panels = {k: Panel(p.title, cpu(p.boxes_xyxy), cpu(p.labels), cpu(p.gt_index), p.note)
-              for k, p in ((k, panels[k]) for k in PANEL_ORDER if k in panels)}
+    panels = {k: Panel(p.title, cpu(p.boxes_xyxy), cpu(p.labels), cpu(p.gt_index), p.note) for k, p in (panels | queries).items()}
     return Assignments(to_hwc_uint8(batch.images[0, :, :h, :w], normalized=True), cpu(tg["boxes"]), cpu(tg["labels"]), panels,
                        [tuple(p.shape[-2:]) for p in pyramid])
 
@@ -322,7 +256,7 @@ def decoder_sampling(model: CoDETR, dataset: CocoDetection, index: int) -> Decod
     stack = lambda name: torch.stack([getattr(r, name)[0] for r in records]).cpu()
     return DecoderSampling(to_hwc_uint8(batch.images[0, :, :h, :w], normalized=True), stack("locations"),
                            stack("weights"), refs.cpu(), records[0].spatial_shapes.cpu(),
-                           list(pyramid_strides(model.cfg, model.backbone)[:L]), scores.cpu(), labels.cpu(), boxes)
+                           list(model.neck.strides[:L]), scores.cpu(), labels.cpu(), boxes)
 
 # %% ../../nbs/workbench/80_explore.ipynb
 def show_sampling(samp: DecoderSampling, layer: int, query: int, class_names: Sequence[str] | None = None,

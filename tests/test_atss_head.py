@@ -219,7 +219,7 @@ def test_positive_coords_equal_atss_assign(seed):
     targets = [rand_targets(n, hw, seed * 10 + i) for i, (n, hw) in enumerate(zip((5, 2, 0), img_sizes))]
     pyramid = make_pyramid(3, pad_hw, seed)
     _, pc = head.forward_train(pyramid, targets, img_sizes, pad_hw)
-    assert isinstance(pc, PositiveCoords) and pc.tag == "atss"
+    assert isinstance(pc, PositiveCoords) and pc.head_index == head.head_index
     for b, (t, hw) in enumerate(zip(targets, img_sizes)):
         anchors, labels, boxes, _ = oracle_assignment(pad_hw, hw, t)
         assert torch.equal(pc.coords_xyxy[b], anchors)
@@ -397,8 +397,8 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"pyramid\[0\]"): head([torch.zeros(1, 16, 8, 8)] + pyr[1:])
     bad = {"boxes": torch.tensor([[0., 0., 10., 10.]]), "labels": torch.tensor([K])}
     with pytest.raises(ValueError, match="labels"): head.forward_train(pyr, [bad], [pad_hw], pad_hw)
-    with pytest.raises(ValueError, match="2 targets"): head.forward_train(pyr, [empty_target()] * 2, [pad_hw] * 2, pad_hw)
-    with pytest.raises(ValueError, match="img_sizes"): head.forward_train(pyr, [empty_target()], [pad_hw] * 2, pad_hw)
+    with pytest.raises(ValueError, match=r"1 images in the batch\), got 2"): head.forward_train(pyr, [empty_target()] * 2, [pad_hw] * 2, pad_hw)
+    with pytest.raises(ValueError, match="one target and one img_size"): head.forward_train(pyr, [empty_target()], [pad_hw] * 2, pad_hw)
     with pytest.raises(ValueError, match="pad_hw"): head.forward_train(pyr, [empty_target()], [(70, 64)], pad_hw)
     with pytest.raises(ValueError, match="num_groups"): CoATSSHead(2, in_channels=30)
     with pytest.raises(ValueError, match="num_classes"): CoATSSHead(0)

@@ -9,7 +9,8 @@ import torchvision
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from codetr.backbones.resnet import RESNET_NAMES, ChannelMapper, ConvGN, ResNetBackbone, imagenet_state_dict
+from codetr.backbones.necks import ChannelMapper, ChannelMapperConfig, ConvGN
+from codetr.backbones.resnet import RESNET_NAMES, ResNetBackbone, ResNetConfig, WeightsDownloadError, imagenet_state_dict
 
 BLOCKS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3), "resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
 BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")

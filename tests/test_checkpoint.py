@@ -6,9 +6,10 @@ import pytest
 import torch
 import torchvision
 
-from codetr.engine.checkpoint import (from_official_key, from_official_state_dict, load_official, read_checkpoint,
+from codetr.core.io import CheckpointError, safe_load
+from codetr.engine.checkpoint import (from_official_key, from_official_state_dict, load_official,
                                to_official_key, to_official_state_dict)
-from codetr.models.config import co_deformable_detr_r50_1x_coco, co_deformable_detr_tiny, deformable_detr_r50_1x_coco
+from codetr.models.co_deformable_detr import co_deformable_detr_r50_1x_coco, co_deformable_detr_tiny, deformable_detr_r50_1x_coco
 from codetr.models.detector import build_model, parameter_counts
 
 
@@ -154,9 +155,12 @@ def test_class_count_mismatch(tmp_path):
 
 
 def test_bad_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.pth"): read_checkpoint(tmp_path / "nope.pth")
+    cfg = co_deformable_detr_tiny(num_classes=3)
+    with pytest.raises(FileNotFoundError, match="nope.pth"): load_official(build_model(cfg), tmp_path / "nope.pth", cfg)
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": {}, "obj": NeedsCode()}, path)
-    with pytest.raises(ValueError, match="weights-only"): read_checkpoint(path)
+    with pytest.raises(CheckpointError, match="arbitrary code"): load_official(build_model(cfg), path, cfg)
+    (tmp_path / "cut.pth").write_bytes(path.read_bytes()[:50])
+    with pytest.raises(CheckpointError, match="cut.pth"): safe_load(tmp_path / "cut.pth")
     cfg = co_deformable_detr_tiny(num_classes=3)
     with pytest.raises(ValueError, match="missing keys"): load_official(build_model(cfg), {"state_dict": {}}, cfg)

@@ -9,6 +9,7 @@ import torchvision.ops as tvo
 from codetr.ops.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
 from codetr.heads.detr import AuxQueries, CoDeformDETRHead, DETRHeadOutput
 from codetr.heads.base import PositiveCoords
+from codetr.models.detector import AuxPyramid
 from codetr.transformer.deformable import CoDeformableTransformer
 
 C, K = 32, 3
@@ -19,7 +20,7 @@ def small_head(Q=8, num_dec=2, levels=2, **kw):
     torch.manual_seed(0)
     tr = CoDeformableTransformer(C, num_heads=2, num_levels=levels, num_points=2, ffn_dims=64, num_encoder_layers=1,
                                  num_decoder_layers=num_dec)
-    return CoDeformDETRHead(K, C, Q, num_feature_levels=levels, transformer=tr, num_groups=8, **kw)
+    return CoDeformDETRHead(K, C, Q, num_feature_levels=levels, transformer=tr, **kw)
 
 
 def batch(B=2, levels=LEVEL_HW, pad_rows=40):
@@ -39,27 +40,27 @@ def targets_example():
 # ------------------------------------------------------------------ forward, pyramid, gradients
 
 def test_forward_shapes_and_pyramid():
-    head = small_head()
+    head, pyramid = small_head(), AuxPyramid(C, num_groups=8)
     feats, pad, _ = batch()
     out = head(feats, pad)
     S = sum(h * w for h, w in LEVEL_HW)
     assert out.all_logits.shape == (2, 2, 8, K) and out.all_boxes_cxcywh.shape == (2, 2, 8, 4)
     assert out.enc_logits.shape == (2, S, K) and out.enc_boxes_cxcywh.shape == (2, S, 4)
     assert out.pred_logits.shape == (2, 8, K) and out.pred_boxes.shape == (2, 8, 4)
-    pyr = head.pyramid(out)
+    pyr = pyramid(out.state)
     assert [tuple(m.shape) for m in pyr] == [(2, C, 8, 10), (2, C, 4, 5), (2, C, 2, 3)]
     torch.testing.assert_close(pyr[0].flatten(2).transpose(1, 2), out.state.memory[:, :80])
     # the pyramid carries the encoder's gradient
     pyr[-1].sum().backward()
     assert head.transformer.encoder.layers[0].linear1.weight.grad.abs().sum() > 0
-    assert head.downsample[0].weight.grad.abs().sum() > 0
+    assert pyramid.downsample[0].weight.grad.abs().sum() > 0
 
 
 def test_four_levels_give_five_maps():
     levels = [(16, 16), (8, 8), (4, 4), (2, 2)]
     head = small_head(levels=4)
     feats, pad, _ = batch(1, levels)
-    pyr = head.pyramid(head(feats, pad))
+    pyr = AuxPyramid(C, num_groups=8)(head(feats, pad).state)
     assert [m.shape[-2:] for m in pyr] == [torch.Size(s) for s in levels + [(1, 1)]]
 
 
@@ -92,7 +93,7 @@ def test_init_and_errors():
         CoDeformDETRHead(K, 64, 8, num_feature_levels=2, transformer=head.transformer)
     feats, pad, sizes = batch()
     out = head(feats, pad)
-    with pytest.raises(ValueError, match="one entry per image"):
+    with pytest.raises(ValueError, match="CoDeformDETRHead.loss: expected one target"):
         head.loss(out, targets_example()[:1], sizes)
     with pytest.raises(ValueError, match="pad_mask"):
         head(feats, pad[0])
@@ -187,7 +188,7 @@ def positive_coords(labels, C_feat=C, seed=0):
     xy = torch.rand(B, N, 2, generator=g) * 40
     coords = torch.cat([xy, xy + 5 + torch.rand(B, N, 2, generator=g) * 30], -1)
     targets = (coords + torch.rand(B, N, 4, generator=g) * 3) * (labels < K)[..., None]
-    return PositiveCoords(coords, labels, targets, torch.randn(B, N, C_feat, generator=g), tag="atss")
+    return PositiveCoords(coords, labels, targets, torch.randn(B, N, C_feat, generator=g), head_index=1)
 
 
 def rows_of(aux_rows, table):
@@ -278,7 +279,7 @@ def test_aux_without_features():
     pc.feats = None
     feats, pad, sizes = batch()
     out = head(feats, pad)
-    losses = head.forward_train_aux(out, pc, sizes, head_idx=1)
+    losses = head.positive_query_loss(out, pc, sizes)
     assert all(torch.isfinite(v) for v in losses.values())
 
 
@@ -291,9 +292,10 @@ def test_aux_losses_keys_values_and_gradients():
     pc = positive_coords(labels)
     pc.feats.requires_grad_()
     aux = head.aux_queries(pc, sizes, torch.Generator().manual_seed(0))
-    logits, boxes = head.forward_aux(out, aux, head_idx=1)
+    logits, boxes = head.decode_positive_queries(out, aux)
     assert logits.shape == (2, 2, 12, K) and boxes.shape == (2, 2, 12, 4)
-    losses = head.loss_aux(logits, boxes, aux, sizes, head_idx=1)
+    assert aux.head_index == 1
+    losses = head.positive_query_loss(out, pc, sizes, torch.Generator().manual_seed(0))  # the same draw again
     names = ("loss_cls", "loss_bbox", "loss_iou")
     assert set(losses) == {f"{n}_aux1" for n in names} | {f"d0.{n}_aux1" for n in names}
     # values: fixed targets, focal / L1 / GIoU normalised by the number of positives (15)
@@ -329,7 +331,7 @@ def test_aux_lambda_scales_losses():
     for lam in (1.0, 0.5):
         head = small_head(lambda_1=lam)
         out = head(feats, pad)
-        vals.append(head.forward_train_aux(out, positive_coords(labels), sizes, 0, torch.Generator().manual_seed(0)))
+        vals.append(head.positive_query_loss(out, positive_coords(labels), sizes, torch.Generator().manual_seed(0)))
     for k in vals[0]: torch.testing.assert_close(vals[1][k], 0.5 * vals[0][k])
 
 
@@ -369,9 +371,7 @@ def test_predict_batch_format():
 def test_official_head_keys_at_real_widths():
     head = CoDeformDETRHead(80)
     sd = {k: tuple(v.shape) for k, v in head.state_dict().items()}
-    expected = {"query_embedding.weight": (300, 256),
-                "downsample.0.weight": (256, 256, 3, 3), "downsample.0.bias": (256,),
-                "downsample.1.weight": (256,), "downsample.1.bias": (256,)}
+    expected = {"query_embedding.weight": (300, 256)}  # the pyramid's downsample is the detector's (AuxPyramid)
     for i in range(7):
         expected.update({f"cls_branches.{i}.weight": (80, 256), f"cls_branches.{i}.bias": (80,)})
         for j, (o, n) in zip((0, 2, 4), ((256, 256), (256, 256), (4, 256))):
@@ -393,7 +393,7 @@ def test_aux_empty_positive_coords():
     aux = head.aux_queries(pc, [(64, 80), (40, 80)])
     assert aux.labels.shape == (2, 9) and (aux.labels == K).all() and (aux.label_weights == 0).all()
     feats, pad, sizes = batch()
-    losses = head.loss_aux(*head.forward_aux(head(feats, pad), aux, 0), aux, sizes, 0)
+    losses = head.positive_query_loss(head(feats, pad), pc, sizes)
     assert all(v == 0 for v in losses.values())
 
 
@@ -408,7 +408,7 @@ def test_cuda_matches_cpu():
         tg = [{k: v.to(dev) for k, v in t.items()} for t in targets_example()]
         pc_dev = PositiveCoords(*(t.to(dev) for t in (pc.coords_xyxy, pc.labels, pc.targets_xyxy, pc.feats)))
         losses = h.loss(out, tg, sizes)
-        losses.update(h.forward_train_aux(out, pc_dev, sizes, 0, torch.Generator().manual_seed(0)))
+        losses.update(h.positive_query_loss(out, pc_dev, sizes, torch.Generator().manual_seed(0)))
         return losses, h.predict(out, sizes, sizes)
     cpu_losses, cpu_dets = run(head, "cpu")
     gpu_losses, gpu_dets = run(head.cuda(), "cuda")

@@ -13,11 +13,14 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
 
-from codetr.models.config import PRESETS, get_preset
+from codetr.models.presets import PRESETS, get_preset
 from codetr.data.coco import AugConfig, build_dataset
-from codetr.engine.evaluate import (STAT_NAMES, ap_table, atomic_write, coco_evaluate, config_from_dict, config_to_dict,
-                             evaluate, load_state_dict_file, main, predict, safe_load, shard_loader, ShardSampler,
-                             write_metrics)
+from codetr.core.config import config_from_dict, config_to_dict
+import codetr.core.io
+from codetr.core.io import CheckpointError, atomic_write, safe_load
+from codetr.engine.checkpoint import load_state_dict_file
+from codetr.engine.evaluate import (STAT_NAMES, ap_table, coco_evaluate, evaluate, inference, main, shard_loader,
+                                    ShardSampler, write_metrics)
 from codetr.data.synthetic import make_synthetic_coco
 
 SMALL_AUG = AugConfig(scales=(48, 64), max_size=96, crop_scales=(48,), crop_max_size=96, crop_range=(32, 48),
@@ -93,9 +96,8 @@ def test_invalid_results_named():
 def test_atomic_write_and_metrics(tmp_path, monkeypatch):
     write_metrics(tmp_path, {"AP": 0.5}, [{"image_id": 1}])
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"AP": 0.5}
-    import codetr.engine.evaluate as ev
     def boom(*a): raise OSError("no space left")
-    monkeypatch.setattr(ev.os, "replace", boom)
+    monkeypatch.setattr(codetr.core.io.os, "replace", boom)
     with pytest.raises(OSError, match="no space"): write_metrics(tmp_path, {"AP": 0.9})
     monkeypatch.undo()
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"AP": 0.5}
@@ -120,7 +122,7 @@ def test_config_roundtrip(name, tmp_path):
 
 def test_safe_load_refuses_code(tmp_path):
     torch.save({"model": {}, "cfg": get_preset("co_deformable_detr_tiny")}, tmp_path / "x.pt")
-    with pytest.raises(RuntimeError, match="arbitrary code"): safe_load(tmp_path / "x.pt")
+    with pytest.raises(CheckpointError, match="arbitrary code"): safe_load(tmp_path / "x.pt")
     torch.save({"w": torch.ones(1)}, tmp_path / "sd.pt")
     assert torch.equal(load_state_dict_file(tmp_path / "sd.pt")["w"], torch.ones(1))
 
@@ -168,7 +170,7 @@ def test_evaluate_with_trainable_double(synth):
     metrics, results = evaluate(model, shard_loader(val, batch_size=2), val, progress=False)
     assert 0 <= metrics["AP"] <= 1 and len(results) == len(val) * 3
     assert {r["category_id"] for r in results} <= set(val.label_to_cat_id)
-    again = predict(model, shard_loader(val, batch_size=4), val.label_to_cat_id, progress=False)  # batch size invariant
+    again = inference(model, shard_loader(val, batch_size=4), val.label_to_cat_id, progress=False)  # batch size invariant
     assert [(r["image_id"], r["category_id"]) for r in again] == [(r["image_id"], r["category_id"]) for r in results]
     np.testing.assert_allclose([r["bbox"] for r in again], [r["bbox"] for r in results], atol=1e-3)
 
@@ -192,7 +194,6 @@ def test_evaluate_cli(tmp_path, synth):
 
 def test_evaluate_cli_uses_the_checkpoint_config(tmp_path, synth):
     from dataclasses import replace
-    from codetr.engine.evaluate import config_to_dict
     stored = replace(get_preset("co_deformable_detr_tiny"), lambda_2=3.0)
     torch.save({"model": AnswerReaderDouble().state_dict(), "config": config_to_dict(stored)}, tmp_path / "c.pt")
     seen = []

@@ -11,7 +11,7 @@ from scipy.optimize import linear_sum_assignment
 
 from codetr.ops.assigners import match_cost
 from codetr.ops.box_ops import box_cxcywh_to_xyxy, box_iou, box_xyxy_to_cxcywh
-from codetr.workbench.explore import (PANEL_ORDER, capture_sampling, class_counts, decoder_sampling, detect, explorer_model,
+from codetr.workbench.explore import (capture_sampling, class_counts, decoder_sampling, detect, explorer_model,
                             filter_detections, gt_view, head_assignments, open_dataset, show_assignments,
                             show_sampling)
 from codetr.ops.msda import ms_deform_attn_reference
@@ -100,7 +100,7 @@ def test_detect_restores_training_mode(env):
 # ---------------------------------------------------------------- assignments
 
 def test_panels_present_in_order(asg):
-    assert tuple(asg[0].panels) == PANEL_ORDER
+    assert tuple(asg[0].panels) == ("detr", "rpn", "roi", "atss", "queries_rcnn", "queries_atss")
 
 
 def test_detr_matches_scipy(env, asg):
@@ -131,7 +131,7 @@ def test_one_to_many_rules(env, asg):
     cfg = env["cfg"]
     for a in asg:
         gt = a.gt_boxes_xyxy
-        for key, min_iou in (("rpn", cfg.rpn.min_pos_iou), ("roi", cfg.roi.pos_iou_thr)):
+        for key, min_iou in (("rpn", cfg.aux_heads[0].rpn.min_pos_iou), ("roi", cfg.aux_heads[0].roi.pos_iou_thr)):
             p = a.panels[key]
             iou = box_iou(p.boxes_xyxy, gt)[torch.arange(len(p.labels)), p.gt_index]
             assert (iou >= min_iou - 1e-5).all(), key  # (a small box may have no anchor at IoU >= 0.3: no positive)
@@ -145,7 +145,7 @@ def test_one_to_many_rules(env, asg):
 
 
 def test_positive_queries_are_the_heads_positives(env, asg):
-    cap = env["cfg"].pos_queries.max_pos_coords
+    cap = env["cfg"].query_head.pos_queries.max_pos_coords
     for a in asg:
         for head, src in (("queries_rcnn", "roi"), ("queries_atss", "atss")):
             q, s = a.panels[head], a.panels[src]
@@ -220,7 +220,7 @@ def test_fresh_model_points_centre_on_reference(env):
             xy, w, heads = samp.points(0, q, level)
             expected = samp.references_cxcywh[0, q, :2] * torch.tensor([W * s, H * s])
             torch.testing.assert_close(xy.mean(0), expected, rtol=1e-4, atol=1e-3)
-            assert sorted(set(heads.tolist())) == list(range(env["cfg"].transformer.num_heads))
+            assert sorted(set(heads.tolist())) == list(range(env["cfg"].query_head.transformer.num_heads))
 
 
 def test_sampling_weights_and_errors(env):
@@ -230,12 +230,12 @@ def test_sampling_weights_and_errors(env):
     with pytest.raises(IndexError, match="layer"): show_sampling(samp, samp.num_layers, 0)
     with pytest.raises(IndexError, match="query"): show_sampling(samp, 0, samp.num_queries)
     fig = show_sampling(samp, 1, 3)
-    t = env["cfg"].transformer
+    t = env["cfg"].query_head.transformer
     assert [len(ax.collections[0].get_offsets()) for ax in fig.axes] == [t.num_heads * t.num_points] * t.num_levels
 
 
 def test_explorer_model_from_checkpoint(env, tmp_path):
-    from codetr.engine.evaluate import config_to_dict
+    from codetr.core.config import config_to_dict
     path = tmp_path / "ckpt.pt"
     torch.save({"model": env["model"].state_dict(), "config": config_to_dict(env["cfg"])}, path)
     m, c = explorer_model(path, ann_file=env["synth"].val_json)

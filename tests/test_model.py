@@ -4,8 +4,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from codetr.models.config import co_deformable_detr_tiny, deformable_detr_tiny, override
-from codetr.models.detector import build_model, pad_images, total_loss, unpadded_sizes
+from codetr.core.config import override
+from codetr.data.coco import pad_images
+from codetr.models.co_deformable_detr import co_deformable_detr_tiny, deformable_detr_tiny
+from codetr.models.detector import build_model, total_loss, unpadded_sizes
 
 
 def tiny(num_classes=3, **changes):
@@ -36,7 +38,7 @@ def official_keys(num_dec_layers=6):
 
 def test_loss_keys_equal_the_official_set():
     torch.manual_seed(0)
-    model = build_model(tiny(**{"transformer.num_decoder_layers": 6})).train()
+    model = build_model(tiny(**{"query_head.transformer.num_decoder_layers": 6})).train()
     losses = model(*batch())
     assert set(losses) == official_keys(6)
     assert all(v.ndim == 0 and torch.isfinite(v) for v in losses.values())
@@ -47,7 +49,7 @@ def test_baseline_has_only_detr_losses_and_no_aux_modules():
     model = build_model(deformable_detr_tiny(3)).train()
     losses = model(*batch())
     assert set(losses) == {k for k in official_keys(2) if "aux" not in k and k[-1] not in "01" and "rpn" not in k}
-    assert len(model.aux_heads) == 0 and model.query_head.downsample is None
+    assert len(model.aux_heads) == 0 and model.aux_pyramid is None and not model.query_head.positive_queries
     assert not any("aux_pos_trans" in n or "head_pos_embed" in n for n, _ in model.named_parameters())
 
 
@@ -100,13 +102,13 @@ def test_eval_output_and_no_aux_at_inference(monkeypatch):
     model = build_model(tiny()).eval()
     for head in model.aux_heads:
         monkeypatch.setattr(head, "forward_train", lambda *a, **k: pytest.fail("aux head ran at inference"))
-    monkeypatch.setattr(model.query_head, "pyramid", lambda *a, **k: pytest.fail("pyramid built at inference"))
+    monkeypatch.setattr(model.aux_pyramid, "forward", lambda *a, **k: pytest.fail("pyramid built at inference"))
     images, targets = batch()
     with torch.no_grad(): dets = model(images, targets)
     assert len(dets) == 2
     for d, t in zip(dets, targets):
         assert set(d) == {"boxes", "scores", "labels"}
-        assert d["boxes"].shape == (model.cfg.head.test_top_k, 4) and d["labels"].dtype == torch.int64
+        assert d["boxes"].shape == (model.cfg.query_head.test_top_k, 4) and d["labels"].dtype == torch.int64
         h, w = t["orig_size"]
         assert (d["boxes"] >= 0).all() and (d["boxes"][:, 0::2] <= w).all() and (d["boxes"][:, 1::2] <= h).all()
         assert (d["scores"][:-1] >= d["scores"][1:]).all() and ((d["labels"] >= 0) & (d["labels"] < 3)).all()

@@ -16,15 +16,16 @@ from PIL import Image
 
 from codetr.ops.box_ops import scale_boxes
 from codetr.engine.checkpoint import to_official_state_dict
-from codetr.models.config import co_deformable_detr_tiny
+from codetr.models.co_deformable_detr import co_deformable_detr_tiny
 from codetr.data.coco import CocoDetection, eval_transforms, load_image, resized_hw
-from codetr.engine.evaluate import coco_evaluate, config_to_dict
+from codetr.core.config import config_to_dict
+from codetr.engine.evaluate import coco_evaluate
 from codetr.models.detector import build_model
-from codetr.engine.predict import (ClassMapping, Predictor, annotate, checkpoint_num_classes, coco_class_mapping,
-                            identity_class_mapping, image_files, load_predictor, main, predict_files, read_weights,
-                            resolve_config, stored_class_mapping)
+from codetr.engine.checkpoint import checkpoint_num_classes, read_weights
+from codetr.engine.predict import (ClassMapping, Predictor, annotate, coco_class_mapping, identity_class_mapping,
+                                   image_files, load_predictor, main, predict_files, resolve_config, stored_class_mapping)
 from codetr.data.synthetic import SYNTHETIC_CATEGORY_IDS, SYNTHETIC_CLASSES, make_synthetic_coco
-from codetr.engine.run_state import export_safetensors
+from codetr.engine.checkpoint import export_safetensors
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -208,7 +209,7 @@ def test_predictor_sizes_and_bounds(predictor, hw):
     aug = predictor.cfg.aug
     assert sizes == {"img_size": resized_hw(hw, aug.test_scale, aug.test_max_size), "orig_size": hw}
     det = predictor([arr])[0]
-    assert det["boxes"].shape == (predictor.cfg.head.test_top_k, 4)
+    assert det["boxes"].shape == (predictor.cfg.query_head.test_top_k, 4)
     assert (det["boxes"] >= 0).all()
     assert (det["boxes"][:, 0::2] <= hw[1] + 1e-3).all() and (det["boxes"][:, 1::2] <= hw[0] + 1e-3).all()
     assert (det["scores"][:-1] >= det["scores"][1:]).all()
@@ -250,7 +251,7 @@ def test_predict_files_outputs(env, predictor, tmp_path):
     files = image_files(env["synth"].val_images)
     results = json.loads((tmp_path / "detections.json").read_text())
     images = json.loads((tmp_path / "images.json").read_text())
-    assert s["images"] == 3 and s["detections"] == len(results) == 3 * predictor.cfg.head.test_top_k
+    assert s["images"] == 3 and s["detections"] == len(results) == 3 * predictor.cfg.query_head.test_top_k
     assert s["drawn"] == sum(r["score"] >= 0.3 for r in results)
     coco = CocoDetection(env["synth"].val_images, env["synth"].val_json).coco
     by_name = {i["file_name"]: i["id"] for i in coco.dataset["images"]}

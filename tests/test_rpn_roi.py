@@ -103,7 +103,7 @@ def test_forward_train_shapes_keys_finite():
     assert all(v.ndim == 0 and torch.isfinite(v) for v in losses.values())
     B, N = pc.labels.shape
     assert B == 2 and 0 < N <= 512 and pc.coords_xyxy.shape == (2, N, 4) and pc.targets_xyxy.shape == (2, N, 4)
-    assert pc.feats.shape == (2, N, 256) and pc.tag == "rcnn" and pc.labels.dtype == torch.long
+    assert pc.feats.shape == (2, N, 256) and pc.head_index == 0 and pc.labels.dtype == torch.long
     assert 0 <= losses["acc0"] <= 100
 
 
@@ -120,7 +120,7 @@ def test_bad_inputs_name_the_argument():
     head = small_head()
     with pytest.raises(ValueError, match="pyramid"):
         head.forward_train(make_pyramid(channels=16), TARGETS, SIZES)
-    with pytest.raises(ValueError, match="img_sizes"):
+    with pytest.raises(ValueError, match="one target and one img_size"):
         head.forward_train(make_pyramid(channels=32), TARGETS, SIZES[:1])
     with pytest.raises(ValueError, match="proposals"):
         head.roi_head.forward_train(make_pyramid(channels=32), [torch.zeros(0, 4)], TARGETS)

@@ -23,14 +23,17 @@ import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
-from codetr.models.config import OptimConfig, co_deformable_detr_tiny
+from codetr.models.co_deformable_detr import co_deformable_detr_tiny
+from codetr.models.config import OptimConfig
 from codetr.data.coco import AugConfig, build_dataset
 from codetr.core.dist import reduce_mean
-from codetr.engine.evaluate import safe_load
+from codetr.core.io import CheckpointError, safe_load
 from codetr.data.synthetic import make_synthetic_coco
+from codetr.engine.checkpoint import (export_safetensors, latest_checkpoint, list_checkpoints, load_checkpoint,
+                                     read_weights, save_checkpoint)
 from codetr.engine.run_state import (EpochSampler, SeededDataset, build_optimizer, build_scheduler, clip_gradients,
-                              export_safetensors, latest_checkpoint, list_checkpoints, load_checkpoint, lr_mult_for,
-                              rng_state, save_checkpoint, set_rng_state)
+                                     lr_mult_for, rng_state, set_rng_state)
+from codetr.engine.predict import stored_class_mapping
 from codetr.engine.train import Trainer, main
 
 TESTS = Path(__file__).resolve().parent
@@ -272,9 +275,9 @@ def test_keep_last_and_latest(tmp_path):
 def test_interrupted_write_leaves_previous_checkpoint(tmp_path, monkeypatch, where):
     save_checkpoint(tmp_path, fake_state(0, 2, 7.0))
     before = sorted(p.name for p in tmp_path.iterdir())
-    import codetr.engine.evaluate as ev
+    import codetr.core.io as io
     def boom(*a, **k): raise KeyboardInterrupt("killed during the write")
-    if where == "os.replace": monkeypatch.setattr(ev.os, "replace", boom)
+    if where == "os.replace": monkeypatch.setattr(io.os, "replace", boom)
     else: monkeypatch.setattr(torch, "save", boom)
     with pytest.raises(KeyboardInterrupt): save_checkpoint(tmp_path, fake_state(0, 4, 8.0))
     monkeypatch.undo()
@@ -285,7 +288,7 @@ def test_interrupted_write_leaves_previous_checkpoint(tmp_path, monkeypatch, whe
 
 def test_weights_only_refusal(tmp_path):
     torch.save({**fake_state(0, 0), "config": tiny_cfg()}, tmp_path / "bad.pt")  # a dataclass needs code to rebuild
-    with pytest.raises(RuntimeError, match=r"bad\.pt was refused: loading it would need to run arbitrary code"):
+    with pytest.raises(CheckpointError, match=r"bad\.pt' was refused: loading it would need to run arbitrary code"):
         load_checkpoint(tmp_path / "bad.pt")
     torch.save({"model": {}}, tmp_path / "partial.pt")
     with pytest.raises(ValueError, match="not a codetr training checkpoint"): load_checkpoint(tmp_path / "partial.pt")
@@ -414,10 +417,9 @@ def test_cli_trains_and_evaluates(tmp_path, synth):
     assert cfg["num_classes"] == 6 and cfg["optim"]["batch_size"] == 4 and cfg["aug"]["scales"] == [48, 64]
     assert (tmp_path / "model.safetensors").exists() and (tmp_path / "detections.json").exists()
     # the class mapping travels with the weights: codetr.engine.predict names detections from the file alone
-    from codetr.engine.predict import read_weights
     cats = sorted(json.loads(synth.train_json.read_text())["categories"], key=lambda c: c["id"])
     for name in ("model.safetensors", latest_checkpoint(tmp_path).name):
-        classes = read_weights(tmp_path / name).classes
+        classes = stored_class_mapping(read_weights(tmp_path / name).meta, name)
         assert classes.cat_ids == [c["id"] for c in cats] and classes.names == [c["name"] for c in cats]
     assert read_weights(tmp_path / "model.safetensors").config == cfg
     main(["co_deformable_detr_tiny", "--epochs", "2", "--auto-resume", "--no-validate", *common],
@@ -437,7 +439,7 @@ import torch
 sys.path.insert(0, {tests!r})
 from test_train import TinyDetectorDouble, SMALL_AUG, tiny_cfg
 from codetr.data.coco import build_dataset
-from codetr.engine.evaluate import init_device
+from codetr.core.dist import init_device
 from codetr.engine.train import Trainer
 from codetr.core.dist import is_main_process, is_dist
 args = json.loads(sys.argv[1])

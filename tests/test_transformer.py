@@ -158,7 +158,7 @@ def test_forward_aux_shapes_gradients_and_head_scalar():
     o, _, reg_b = run(tr)
     coords = torch.rand(2, 5, 4) * 0.5 + 0.25
     feats = torch.randn(2, 5, C, requires_grad=True)
-    hs, refs = tr.forward_aux(o, coords, feats, reg_b, head_idx=0)
+    hs, refs = tr.forward_aux(o, coords, feats, reg_b, head_index=0)
     assert hs.shape == (2, 2, 5, C) and refs.shape == (2, 2, 5, 4)
     params = [o.memory, feats, tr.head_pos_embed.weight, tr.aux_pos_trans[0].weight, tr.pos_feats_trans[0].weight,
               tr.encoder.layers[0].linear1.weight]
@@ -166,10 +166,10 @@ def test_forward_aux_shapes_gradients_and_head_scalar():
     assert all(g.abs().sum() > 0 for g in grads)
     g = torch.autograd.grad(hs.sum(), [tr.aux_pos_trans[1].weight, tr.head_pos_embed.weight], allow_unused=True)
     assert g[0] is None and g[1][1].item() == 0 and g[1][0].item() != 0  # only head 0's modules are used
-    with pytest.raises(ValueError, match="head_idx"):
-        tr.forward_aux(o, coords, feats, reg_b, head_idx=2)
+    with pytest.raises(ValueError, match="head_index"):
+        tr.forward_aux(o, coords, feats, reg_b, head_index=2)
     with pytest.raises(ValueError, match="coords_cxcywh"):
-        tr.forward_aux(o, coords[0], feats, reg_b, head_idx=0)
+        tr.forward_aux(o, coords[0], feats, reg_b, head_index=0)
 
 
 def test_forward_aux_query_construction():
@@ -182,7 +182,7 @@ def test_forward_aux_query_construction():
     captured = {}
     layer0 = tr.decoder.layers[0]
     hook = layer0.register_forward_pre_hook(lambda m, args: captured.update(q=args[0], qp=args[1], ref=args[2]))
-    tr.forward_aux(o, coords, feats, reg_b, head_idx=1)
+    tr.forward_aux(o, coords, feats, reg_b, head_index=1)
     hook.remove()
     out = tr.aux_pos_trans_norm[1](tr.aux_pos_trans[1](proposal_pos_embed(inverse_sigmoid(coords), C // 2)))
     torch.testing.assert_close(captured["qp"], out[..., :C] + tr.head_pos_embed.weight[1])

@@ -3,7 +3,7 @@ was re-rendered) against the codetr.workbench.explore helpers it draws with."""
 import pytest
 import torch
 
-from codetr.workbench.explore import PANEL_ORDER, decoder_sampling, detect
+from codetr.workbench.explore import decoder_sampling, detect
 from codetr.workbench.widgets import AssignmentExplorer, DatasetBrowser, PredictionExplorer, SamplingExplorer
 
 
@@ -59,7 +59,7 @@ def test_prediction_explorer(env):
 
 def test_assignment_explorer(env, asg):
     ae = AssignmentExplorer(env["model"], env["ds"])
-    assert ae.state["counts"] == asg[0].counts() and len(ae.figure.axes) == len(PANEL_ORDER)
+    assert ae.state["counts"] == asg[0].counts() and len(ae.figure.axes) == len(asg[0].panels)
     ae.panels.value = ("rpn",)
     assert len(ae.figure.axes) == 1 and list(ae.state["counts"]) == ["rpn"]
     ae.index.value = 1
@@ -74,7 +74,7 @@ def test_sampling_explorer(env):
     samp = se.sampling(0)
     torch.testing.assert_close(samp.scores, decoder_sampling(env["model"], env["ds"], 0).scores)  # the helper's view
     assert se.state["query"] == int(samp.scores.argmax()) and se.state["layer"] == samp.num_layers - 1
-    t = env["cfg"].transformer
+    t = env["cfg"].query_head.transformer
     assert se.state["points"] == t.num_heads * t.num_levels * t.num_points
     picks = [q for _, q in se.best.options]
     assert picks == samp.scores.argsort(descending=True)[:10].tolist()

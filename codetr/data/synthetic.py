@@ -205,7 +205,7 @@ def synthetic_sample(seed: int, split: str, index: int, min_size: int = 160, max
     return SyntheticSample(render_scene(background, shapes, owner), shapes, owner)
 
 # %% ../../nbs/data/21_synthetic.ipynb
-_GENERATOR, _VERSION = "codetr.data.synthetic", 1
+_GENERATOR, _VERSION = "codetr.synthetic", 1  # the generator's name in every file it writes (kept across module moves)
 _PNG_NAME = re.compile(r"\d{6}\.png")
 
 @dataclass(frozen=True)

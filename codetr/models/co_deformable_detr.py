@@ -21,8 +21,7 @@ __all__ = ['PRESETS', 'without_aux_heads', 'co_deformable_detr_r50_1x_coco', 'de
 # %% ../../nbs/models/62_co_deformable_detr.ipynb
 def without_aux_heads(cfg: CoDETRConfig, name: str) -> CoDETRConfig:
     "`cfg` without auxiliary heads or positive queries: the plain DETR baseline of an ablation."
-    return replace(cfg, name=name, aux_heads=(),
-                   query_head=replace(cfg.query_head, pos_queries=replace(cfg.query_head.pos_queries, enabled=False)))
+    return replace(cfg, name=name, aux_heads=(), query_head=replace(cfg.query_head, pos_queries=PositiveQueryConfig(enabled=False)))
 
 def co_deformable_detr_r50_1x_coco(num_classes: int = 80) -> CoDETRConfig:
     "The official `co_deformable_detr_r50_1x_coco` (49.5 box AP on COCO val2017 in 12 epochs)."

@@ -12,19 +12,18 @@ import resource
 import subprocess
 import sys
 import time
-from dataclasses import replace
 
 WORKER = "--worker"
 
 
 def run_variant(name: str, size, repeats: int, device: str, preset: str) -> dict:
     import torch
-    from codetr.models.config import co_deformable_detr_r50_1x_coco, co_deformable_detr_tiny, deformable_detr_r50_1x_coco, deformable_detr_tiny
+    from codetr.models.co_deformable_detr import co_deformable_detr_r50_1x_coco, co_deformable_detr_tiny, deformable_detr_r50_1x_coco, deformable_detr_tiny
     from codetr.models.detector import build_model, total_loss
     makers = {("r50", "co"): co_deformable_detr_r50_1x_coco, ("r50", "base"): deformable_detr_r50_1x_coco,
               ("tiny", "co"): co_deformable_detr_tiny, ("tiny", "base"): deformable_detr_tiny}
     cfg = makers[preset, name](80)
-    cfg = replace(cfg, backbone=replace(cfg.backbone, weights=None))
+    cfg = cfg.without_pretrained()
     torch.manual_seed(0)
     model = build_model(cfg).to(device).train()
     h, w = size

@@ -250,6 +250,32 @@ def test_imagenet_weights_use_torchvision_v1_url(monkeypatch):
         imagenet_state_dict("resnet152")
 
 
+def test_offline_imagenet_download_says_how_to_proceed(monkeypatch, tmp_path):
+    "Without network the preset's ImageNet initialisation fails with the config field to change, not a raw URLError."
+    import urllib.error
+    from codetr.models.co_deformable_detr import co_deformable_detr_r50_1x_coco
+    from codetr.models.detector import build_model
+    def offline(url, *args, **kwargs): raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(WeightsDownloadError) as err:
+        with torch.device("meta"): build_model(co_deformable_detr_r50_1x_coco())
+    msg = str(err.value)
+    file = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
+    assert "backbone.weights=none" in msg and f"backbone.weights=/path/to/{file}" in msg
+    assert str(tmp_path / "hub" / "checkpoints") in msg and "Temporary failure" in msg
+    assert ResNetConfig(depth=18, weights=None).build().strides == [8, 16, 32]  # the way out works
+
+
+def test_configs_build_the_modules():
+    bb = ResNetConfig(depth=18, out_indices=(0, 1, 2, 3), weights=None).build()
+    neck = ChannelMapperConfig(num_outs=5, out_channels=64, num_groups=8).build(bb.out_channels, bb.strides)
+    maps = neck(bb(torch.randn(1, 3, 64, 96)))
+    assert neck.strides == [4, 8, 16, 32, 64]
+    assert [tuple(m.shape[-2:]) for m in maps] == [(64 // s, -(-96 // s)) for s in neck.strides]
+    with pytest.raises(ValueError, match="out_indices"): ResNetConfig(out_indices=(3, 1))
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(name="resnet152"), "name"), (dict(out_indices=(2, 1)), "out_indices"), (dict(out_indices=()), "out_indices"),
     (dict(out_indices=(1, 4)), "out_indices"), (dict(frozen_stages=5), "frozen_stages"), (dict(frozen_stages=-2), "frozen_stages")])

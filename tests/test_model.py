@@ -145,3 +145,28 @@ def test_one_batch_overfit(tmp_path):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
         history.append(loss.item())
     assert min(history[-10:]) <= 0.1 * history[0], (history[0], history[-10:])
+
+
+def test_query_head_gets_the_targets_in_training_only(monkeypatch):
+    "The query-head contract: targets reach the head's forward in training (a denoising head builds queries from them)."
+    torch.manual_seed(0)
+    model = build_model(tiny())
+    seen = []
+    forward = type(model.query_head).forward
+    monkeypatch.setattr(type(model.query_head), "forward",
+                        lambda self, feats, pad_mask, targets=None: seen.append(targets) or forward(self, feats, pad_mask, targets))
+    images, targets = batch()
+    model.train()(images, targets)
+    with torch.no_grad(): model.eval()(images, targets)
+    assert seen[0] is targets and seen[1] is None
+
+
+def test_pyramid_strides_follow_the_neck():
+    "The auxiliary heads' anchors sit on the neck's strides plus one extra level: 5 levels from C2 give 4 ... 128."
+    cfg = tiny(**{"backbone.out_indices": "(0, 1, 2, 3)", "query_head.transformer.num_levels": "5", "neck.num_outs": "5"})
+    model = build_model(cfg)
+    assert model.neck.strides == [4, 8, 16, 32, 64]
+    assert model.aux_heads[1].anchor_generator.strides == (4, 8, 16, 32, 64, 128)
+    assert model.aux_heads[0].roi_head.strides == (4, 8, 16, 32, 64)
+    losses = model.train()(*batch())
+    assert all(torch.isfinite(v) for v in losses.values())

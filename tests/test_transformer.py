@@ -245,3 +245,57 @@ def test_official_shapes_at_real_widths():
         expected.update({d + k: v for k, v in FFN_SHAPES.items()})
         expected.update({d + f"norm{j}.{p}": (256,) for j in (1, 2, 3) for p in ("weight", "bias")})
     assert sd == expected
+
+
+# ------------------------------------------------------------------ DINO's decoder hooks
+
+def dino_decoder(num_layers=2):
+    torch.manual_seed(3)
+    return DeformableDecoder(num_layers, query_pos_from_refs=True, final_norm=True, ref_eps=1e-3, embed_dims=C,
+                             num_heads=M, num_levels=L, num_points=P, ffn_dims=64)
+
+
+def decoder_inputs(B=2, Q=5):
+    torch.manual_seed(4)
+    shapes = torch.tensor(LEVELS)
+    starts = torch.tensor([0, LEVELS[0][0] * LEVELS[0][1]])
+    ratios = torch.tensor([[[1.0, 1.0], [1.0, 1.0]], [[0.625, 1.0], [0.75, 1.0]]])[:B]
+    return torch.randn(B, Q, C), torch.rand(B, Q, 4) * 0.5 + 0.25, torch.randn(B, S, C), shapes, starts, ratios
+
+
+def test_dino_hooks_equal_the_computation_written_out():
+    "query_pos from the references at every layer, LayerNorm on the outputs, refinement from the un-normed output."
+    from codetr.ops.box_ops import inverse_sigmoid
+    from codetr.transformer.position import sine_embed_dino
+    dec, regs = dino_decoder(), nn.ModuleList([mlp() for _ in range(2)])
+    query, ref, memory, shapes, starts, ratios = decoder_inputs()
+    hs, refs = dec(query, None, ref, memory, shapes, starts, ratios, None, regs)
+    q, r = query, ref
+    for l, layer in enumerate(dec.layers):
+        r_in = r[:, :, None] * torch.cat([ratios, ratios], -1)[:, None]  # (B, Q, L, 4)
+        pos = dec.ref_point_head(sine_embed_dino(r_in[:, :, 0], C // 2))
+        q = layer(q, pos, r_in, memory, shapes, starts, None)
+        torch.testing.assert_close(hs[l], dec.norm(q))
+        new = (regs[l](q) + inverse_sigmoid(r, 1e-3)).sigmoid()
+        torch.testing.assert_close(refs[l], new)
+        r = new.detach()
+    with pytest.raises(ValueError, match="query_pos"):
+        dec(query, torch.zeros_like(query), ref, memory, shapes, starts, ratios, None, regs)
+    keys = {k: tuple(v.shape) for k, v in dec.state_dict().items() if not k.startswith("layers.")}
+    assert keys == {"ref_point_head.0.weight": (C, 2 * C), "ref_point_head.0.bias": (C,),
+                    "ref_point_head.2.weight": (C, C), "ref_point_head.2.bias": (C,),
+                    "norm.weight": (C,), "norm.bias": (C,)}  # the official DINO decoder's names
+
+
+def test_self_attention_mask_separates_query_groups():
+    "A block-diagonal mask (two groups, as DINO's denoising groups) makes each group's outputs independent of the other."
+    dec, regs = dino_decoder(), nn.ModuleList([mlp() for _ in range(2)])
+    query, ref, memory, shapes, starts, ratios = decoder_inputs(Q=6)
+    group = torch.arange(6) // 3
+    mask = group[:, None] != group[None]  # (Q, Q) True = blocked
+    full, full_refs = dec(query, None, ref, memory, shapes, starts, ratios, None, regs, mask)
+    alone, alone_refs = dec(query[:, 3:], None, ref[:, 3:], memory, shapes, starts, ratios, None, regs)
+    torch.testing.assert_close(full[:, :, 3:], alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(full_refs[:, :, 3:], alone_refs, rtol=1e-5, atol=1e-5)
+    unmasked, _ = dec(query, None, ref, memory, shapes, starts, ratios, None, regs)
+    assert (unmasked[:, :, 3:] - alone).abs().max() > 1e-3  # without the mask the groups do see each other

@@ -105,33 +105,44 @@ def _parse_value(value, tp, dotted: str):
         except (TypeError, ValueError): pass
     raise ValueError(f"cannot be parsed as {tp}")
 
-def _override_item(items: tuple, index: str, rest: str, value, dotted: str) -> tuple:
-    "A tuple of configs with entry `index` overridden by `rest=value`."
-    if not index.isdigit() or int(index) >= len(items):
-        raise ValueError(f"override {dotted!r}: {index!r} is not an index of a tuple of {len(items)} entries")
-    i = int(index)
-    if not rest: return items[:i] + (value,) + items[i + 1:]
-    return items[:i] + (override(items[i], **{rest: value}),) + items[i + 1:]
+def _override_tuple(items: tuple, changes: dict, dotted: str) -> tuple:
+    "A tuple of configs with entries overridden by `{'<index>.<field>': value}` (or replaced by `{'<index>': config}`)."
+    items = list(items)
+    by_index: dict[str, dict] = {}
+    for key, value in changes.items():
+        index, _, rest = key.partition(".")
+        if not index.isdigit() or int(index) >= len(items):
+            raise ValueError(f"override {dotted}.{key!r}: {index!r} is not an index of a tuple of {len(items)} entries")
+        by_index.setdefault(index, {})[rest] = value
+    for index, sub in by_index.items():
+        i = int(index)
+        if "" in sub: items[i] = sub.pop("")
+        if sub: items[i] = override(items[i], **sub)
+    return tuple(items)
+
+def _new_value(cfg, head: str, changes: dict):
+    "The new value of field `head` of `cfg` under `changes` ({'': whole value, 'a.b': nested value, ...})."
+    current, tp = getattr(cfg, head), typing.get_type_hints(type(cfg))[head]
+    if "" in changes:
+        try: current = _parse_value(changes.pop(""), tp, head)
+        except ValueError as e: raise ValueError(f"override {head}: {e}") from e
+    if not changes: return current
+    if isinstance(current, tuple): return _override_tuple(current, changes, head)
+    if not is_dataclass(current): raise ValueError(f"override {head}.{next(iter(changes))}: {head} is not a config with fields")
+    return override(current, **changes)
 
 def override(cfg, **changes):
     "A copy of `cfg` with fields replaced by dotted name (`override(cfg, **{'optim.lr': '1e-4'})`); strings are parsed."
+    names = [f.name for f in fields(cfg)]
+    groups: dict[str, dict] = {}
     for dotted, value in changes.items():
         head, _, rest = dotted.partition(".")
-        names = [f.name for f in fields(cfg)]
         if head not in names:
             raise ValueError(f"override {dotted!r}: {type(cfg).__name__} has no field {head!r}; fields: {names}")
-        current, tp = getattr(cfg, head), typing.get_type_hints(type(cfg))[head]
-        if rest and isinstance(current, tuple):
-            index, _, rest = rest.partition(".")
-            new = _override_item(current, index, rest, value, dotted)
-        elif rest:
-            if not is_dataclass(current): raise ValueError(f"override {dotted!r}: {head} is not a config with fields")
-            new = override(current, **{rest: value})
-        else:
-            try: new = _parse_value(value, tp, dotted)
-            except ValueError as e: raise ValueError(f"override {dotted}={value!r}: {e}") from e
-        cfg = replace(cfg, **{head: new})
-    return cfg
+        groups.setdefault(head, {})[rest] = value
+    # every field is changed first and the config rebuilt once, so changes that must go together (a neck's levels
+    # and the transformer's) are checked together
+    return replace(cfg, **{head: _new_value(cfg, head, sub) for head, sub in groups.items()})
 
 def parse_cfg_options(options: Sequence[str] | None) -> dict[str, str]:
     "`['optim.lr=1e-4', ...]` (a command line's `--cfg-options`) -> `{'optim.lr': '1e-4'}` for `override`."

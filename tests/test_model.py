@@ -154,7 +154,8 @@ def test_query_head_gets_the_targets_in_training_only(monkeypatch):
     seen = []
     forward = type(model.query_head).forward
     monkeypatch.setattr(type(model.query_head), "forward",
-                        lambda self, feats, pad_mask, targets=None: seen.append(targets) or forward(self, feats, pad_mask, targets))
+                        lambda self, feats, pad_mask, targets=None, img_sizes=None:
+                        seen.append(targets) or forward(self, feats, pad_mask, targets, img_sizes))
     images, targets = batch()
     model.train()(images, targets)
     with torch.no_grad(): model.eval()(images, targets)

@@ -39,18 +39,19 @@ def _rename(key: str, rules: list[tuple[str, str]]) -> str:
         if n: return new
     return key
 
-def to_official_key(key: str, cfg: CoDETRConfig) -> str:
-    "Our parameter name -> the official one."
-    return _rename(key, official_key_rules(cfg))
+def to_official_key(key: str, cfg: CoDETRConfig, flavour: str | None = None) -> str:
+    "Our parameter name -> the official one (`flavour` picks one of several official namings)."
+    return _rename(key, official_key_rules(cfg, flavour))
 
 def from_official_key(key: str, cfg: CoDETRConfig) -> str:
     "The official parameter name -> ours."
     return _rename(key, [_invert(p, r) for p, r in official_key_rules(cfg)])
 
 # %% ../../nbs/engine/70_checkpoint.ipynb
-def to_official_state_dict(state_dict: Mapping[str, Tensor], cfg: CoDETRConfig) -> dict[str, Tensor]:
-    "Our state_dict with official key names."
-    rules = official_key_rules(cfg)
+def to_official_state_dict(state_dict: Mapping[str, Tensor], cfg: CoDETRConfig,
+                           flavour: str | None = None) -> dict[str, Tensor]:
+    "Our state_dict with official key names (`flavour` picks one of several official namings)."
+    rules = official_key_rules(cfg, flavour)
     return {_rename(k, rules): v for k, v in state_dict.items()}
 
 def from_official_state_dict(state_dict: Mapping[str, Tensor], cfg: CoDETRConfig) -> dict[str, Tensor]:

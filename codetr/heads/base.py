@@ -112,7 +112,8 @@ class AuxHead(Protocol):
 @runtime_checkable
 class QueryHead(Protocol):
     "The detector's query head (see the list at the top of this notebook)."
-    def forward(self, feats: list[Tensor], pad_mask: Tensor, targets: list[dict] | None = None): ...
+    def forward(self, feats: list[Tensor], pad_mask: Tensor, targets: list[dict] | None = None,
+                img_sizes: Sequence[tuple[int, int]] | None = None): ...
     def loss(self, outputs, targets: list[dict], img_sizes: Sequence[tuple[int, int]]) -> dict[str, Tensor]: ...
     def positive_query_loss(self, outputs, pos_coords: PositiveCoords, img_sizes: Sequence[tuple[int, int]],
                             generator: torch.Generator | None = None) -> dict[str, Tensor]: ...
@@ -144,7 +145,9 @@ class QueryHeadConfig(Config):
     def loss_weights(self, num_aux_heads: int) -> dict[str, float]:
         raise NotImplementedError(f"{type(self).__name__}.loss_weights")
 
-    def official_rules(self) -> list[tuple[str, str]]: return []
+    def official_rules(self, flavour: str | None = None) -> list[tuple[str, str]]:
+        "(ours, official) regex pairs of the head's keys; `flavour` picks one of several official namings."
+        return []
 
     @property
     def embed_dims(self) -> int: raise NotImplementedError(f"{type(self).__name__}.embed_dims")

@@ -23,8 +23,8 @@ from ..transformer.deformable import CoDeformableTransformer, TransformerConfig,
 from ..transformer.position import SinePositionalEncoding, make_pad_masks
 
 # %% auto 0
-__all__ = ['reg_branch', 'layer_predictions', 'DETRHeadOutput', 'gt_cxcywh', 'match_targets', 'detr_losses', 'keyed',
-           'topk_detections', 'DETRHead', 'CoDeformDETRHead', 'PositiveQueryConfig', 'CoDeformDETRHeadConfig']
+__all__ = ['reg_branch', 'layer_predictions', 'DETRHeadOutput', 'gt_cxcywh', 'match_targets', 'box_losses', 'detr_losses',
+           'keyed', 'topk_detections', 'DETRHead', 'CoDeformDETRHead', 'PositiveQueryConfig', 'CoDeformDETRHeadConfig']
 
 # %% ../../nbs/heads/52_detr.ipynb
 def reg_branch(embed_dims: int) -> nn.Sequential:
@@ -53,6 +53,9 @@ class DETRHeadOutput:
     enc_logits: Tensor         # (B, S, K) two-stage logits of every encoder token
     enc_boxes_cxcywh: Tensor   # (B, S, 4) two-stage boxes (1 where the token is invalid)
     state: TransformerOutput   # memory, masks, shapes, references, top-k indices
+    dn_logits: Tensor | None = None       # (N, B, D, K) denoising queries' logits (a denoising head in training)
+    dn_boxes_cxcywh: Tensor | None = None # (N, B, D, 4) their boxes
+    dn: object | None = None              # the denoising queries' layout (`codetr.heads.denoising.DenoisingQueries`)
     @property
     def pred_logits(self) -> Tensor: return self.all_logits[-1]        # (B, Q, K)
     @property
@@ -85,6 +88,21 @@ def match_targets(logits: Tensor,                # (B, Q, K)
     box_weights = (labels < num_classes).to(boxes_cxcywh.dtype)[..., None].expand(B, Q, 4)  # (B, Q, 4)
     return labels, torch.ones_like(labels, dtype=logits.dtype), box_targets, box_weights
 
+def box_losses(boxes_cxcywh: Tensor,        # (B, Q, 4) normalised
+               box_targets_cxcywh: Tensor, # (B, Q, 4) normalised
+               box_weights: Tensor,        # (B, Q, 4)
+               img_sizes: Sequence[tuple[int, int]], # (h, w) of each unpadded image
+               avg: Tensor,                # the normaliser (number of positives)
+              ) -> tuple[Tensor, Tensor]:  # unweighted L1 and GIoU losses
+    "L1 on normalised cxcywh and GIoU on pixel xyxy, over the weighted (positive) entries, divided by `avg`."
+    factors = whwh(img_sizes, boxes_cxcywh)[:, None]  # (B, 1, 4)
+    pred_px = (box_cxcywh_to_xyxy(boxes_cxcywh) * factors).flatten(0, 1)  # (B*Q, 4)
+    gt_px = (box_cxcywh_to_xyxy(box_targets_cxcywh) * factors).flatten(0, 1)  # (B*Q, 4)
+    loss_iou = giou_loss(pred_px, gt_px, box_weights.flatten(0, 1), avg_factor=avg)
+    loss_bbox = l1_loss(boxes_cxcywh.flatten(0, 1), box_targets_cxcywh.flatten(0, 1), box_weights.flatten(0, 1),
+                        avg_factor=avg)
+    return loss_bbox, loss_iou
+
 def detr_losses(logits: Tensor,             # (B, Q, K)
                 boxes_cxcywh: Tensor,       # (B, Q, 4) normalised
                 labels: Tensor,             # (B, Q) int64, K = background
@@ -101,12 +119,7 @@ def detr_losses(logits: Tensor,             # (B, Q, K)
     avg = reduce_mean(num_pos).clamp(min=1)
     loss_cls = sigmoid_focal_loss(logits.flatten(0, 1), labels.flatten(), label_weights.flatten(),
                                   alpha=focal_alpha, gamma=focal_gamma, avg_factor=avg)
-    factors = whwh(img_sizes, boxes_cxcywh)[:, None]  # (B, 1, 4)
-    pred_px = (box_cxcywh_to_xyxy(boxes_cxcywh) * factors).flatten(0, 1)  # (B*Q, 4)
-    gt_px = (box_cxcywh_to_xyxy(box_targets_cxcywh) * factors).flatten(0, 1)  # (B*Q, 4)
-    loss_iou = giou_loss(pred_px, gt_px, box_weights.flatten(0, 1), avg_factor=avg)
-    loss_bbox = l1_loss(boxes_cxcywh.flatten(0, 1), box_targets_cxcywh.flatten(0, 1), box_weights.flatten(0, 1),
-                        avg_factor=avg)
+    loss_bbox, loss_iou = box_losses(boxes_cxcywh, box_targets_cxcywh, box_weights, img_sizes, avg)
     return weights["cls"] * loss_cls, weights["bbox"] * loss_bbox, weights["iou"] * loss_iou
 
 def keyed(losses: list[tuple[Tensor, Tensor, Tensor]], suffix: str = "") -> dict[str, Tensor]:
@@ -204,9 +217,13 @@ class DETRHead(nn.Module):
         gt_boxes = gt_cxcywh(targets, img_sizes, outputs.pred_boxes)  # per image (G, 4)
         losses = keyed([self.matched_losses(logits, boxes, gt_labels, gt_boxes, img_sizes)
                         for logits, boxes in zip(outputs.all_logits, outputs.all_boxes_cxcywh)])
-        agnostic = [torch.zeros_like(l) for l in gt_labels]  # every box is class 0
-        enc = self.matched_losses(outputs.enc_logits, outputs.enc_boxes_cxcywh, agnostic, gt_boxes, img_sizes)
+        enc = self.matched_losses(outputs.enc_logits, outputs.enc_boxes_cxcywh, self.encoder_labels(gt_labels),
+                                  gt_boxes, img_sizes)
         return {**losses, "enc_loss_cls": enc[0], "enc_loss_bbox": enc[1], "enc_loss_iou": enc[2]}
+
+    def encoder_labels(self, gt_labels: list[Tensor]) -> list[Tensor]:
+        "The classes the encoder proposals are matched and trained with: class 0 for every box (class-agnostic)."
+        return [torch.zeros_like(l) for l in gt_labels]
 
     def aux_queries(self, pos_coords: PositiveCoords, img_sizes: Sequence[tuple[int, int]],
                     generator: torch.Generator | None = None) -> AuxQueries:
@@ -291,6 +308,7 @@ class CoDeformDETRHead(DETRHead):
                 feats: list[Tensor],               # per level (B, C, H_l, W_l) neck outputs
                 pad_mask: Tensor,                  # (B, H, W) input-resolution padding mask, True = padding
                 targets: list[dict] | None = None, # unused: Co-Def builds no queries from the ground truth
+                img_sizes: Sequence[tuple[int, int]] | None = None, # (h, w) of each unpadded image (unused here)
                ) -> DETRHeadOutput:
         "Transformer pass and per-layer predictions of the one-to-one queries."
         if pad_mask.ndim != 3 or pad_mask.shape[0] != feats[0].shape[0]:
@@ -366,4 +384,4 @@ class CoDeformDETRHeadConfig(QueryHeadConfig):
             for i in range(num_aux_heads): table |= {f"loss_{k}_aux{i}": v * l1 for k, v in w.items()}
         return table
 
-    def official_rules(self) -> list[tuple[str, str]]: return self.transformer.official_rules()
+    def official_rules(self, flavour: str | None = None) -> list[tuple[str, str]]: return self.transformer.official_rules()

@@ -85,7 +85,7 @@ class CoDETR(nn.Module):
             orig = [tuple(t.get("orig_size", s)) for t, s in zip(targets, img_sizes)] if targets else img_sizes
             return self.query_head.predict(outputs, img_sizes, orig)
         if targets is None: raise ValueError("CoDETR.forward: targets are required in training mode")
-        outputs = self.query_outputs(images, pad_mask, targets)
+        outputs = self.query_outputs(images, pad_mask, targets, img_sizes)
         return self._losses(outputs, targets, img_sizes, tuple(images.shape[-2:]))
 
     def features(self, images: Tensor) -> list[Tensor]:
@@ -93,9 +93,10 @@ class CoDETR(nn.Module):
         maps = check_feature_maps(type(self.backbone).__name__, self.backbone(images), self.backbone.out_channels)
         return check_feature_maps(type(self.neck).__name__, self.neck(maps), [self.cfg.embed_dims] * len(self.neck.strides))
 
-    def query_outputs(self, images: Tensor, pad_mask: Tensor, targets: list[dict] | None = None):
+    def query_outputs(self, images: Tensor, pad_mask: Tensor, targets: list[dict] | None = None,
+                      img_sizes: Sequence[tuple[int, int]] | None = None):
         "Backbone, neck and query head on a padded batch: the decoder's outputs, before any loss or post-processing."
-        return self.query_head(self.features(images), pad_mask, targets)
+        return self.query_head(self.features(images), pad_mask, targets, img_sizes)
 
     def pyramid(self, outputs) -> list[Tensor]:
         "The auxiliary heads' input maps, rebuilt from the encoder memory of the query head's pass."
@@ -132,12 +133,14 @@ def build_model(cfg: CoDETRConfig) -> CoDETR:
     return CoDETR(cfg)
 
 # %% ../../nbs/models/61_detector.ipynb
-def official_key_rules(cfg: CoDETRConfig) -> list[tuple[str, str]]:
+def official_key_rules(cfg: CoDETRConfig,
+                       flavour: str | None = None, # one of several official namings (Co-DINO: "mmdet3" or "sensex")
+                      ) -> list[tuple[str, str]]:
     "(ours, official) regex pairs for the model built from `cfg`, from every part's config."
     rules = [(r"^aux_pyramid\.downsample\.", "query_head.downsample.")]
     rules += [(r"^backbone\." + p.lstrip("^"), "backbone." + r) for p, r in cfg.backbone.official_rules()]
     rules += [(r"^neck\." + p.lstrip("^"), "neck." + r) for p, r in cfg.neck.official_rules()]
-    rules += cfg.query_head.official_rules()
+    rules += cfg.query_head.official_rules(flavour)
     groups: dict[str, int] = {}
     for i, head in enumerate(cfg.aux_heads):
         j = groups.get(head.official_group, 0)

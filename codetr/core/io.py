@@ -5,16 +5,21 @@
 # %% ../../nbs/core/02_io.ipynb 3
 from __future__ import annotations
 
+import functools
 import os
 import pickle
+import sys
+import types
 import typing
+from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch._weights_only_unpickler import _get_allowed_globals, _get_user_allowed_globals
 
 # %% auto 0
-__all__ = ['atomic_write', 'CheckpointError', 'safe_load']
+__all__ = ['atomic_write', 'CheckpointError', 'Opaque', 'safe_load']
 
 # %% ../../nbs/core/02_io.ipynb
 def _fsync_dir(folder: Path):
@@ -43,22 +48,159 @@ def atomic_write(path: str | os.PathLike,                   # destination file
 
 # %% ../../nbs/core/02_io.ipynb
 class CheckpointError(ValueError):
-    "A weights file that exists but cannot be read safely (needs pickled code, truncated, not a torch file)."
+    "A weights file that exists but cannot be read safely (would run code, truncated, not a torch file)."
+
+class _Refused(CheckpointError):
+    "The pickle calls, names or changes something that runs code (`safe_load` adds the file to the message)."
+    def __init__(self, name: str, why: str):
+        super().__init__(f"{why}: refused, codetr unpickles data only")
+        self.name, self.why = name, why
+
+def _qualname(cls: type) -> str: return f"{cls.__module__}.{cls.__qualname__}"
+
+class _OpaqueMeta(type):
+    "Placeholder classes: creating instances through `__new__` is fine, calling the class is refused."
+    def __call__(cls, *args, **kwargs): raise _Refused(_qualname(cls), f"it calls {_qualname(cls)}")
+    def __repr__(cls): return f"<opaque class {_qualname(cls)}>"
+
+def _brief(value) -> str:
+    return repr(sorted(map(str, value))) if isinstance(value, dict) else f"<{type(value).__name__}>"
+
+class Opaque(metaclass=_OpaqueMeta):
+    "Stands for an object whose class codetr does not load: it records what the file stored and runs none of its code."
+    def __new__(cls, *args, **kwargs):                   # NEWOBJ: the arguments the class's __new__ would get
+        self = object.__new__(cls)
+        self.args, self.kwargs, self.state, self.listitems, self.dictitems = args, kwargs, None, [], {}
+        return self
+    def __setstate__(self, state): self.state = state    # BUILD: the object's __dict__ or __getstate__ value
+    def append(self, item): self.listitems.append(item)  # APPEND(S): the items of a list subclass
+    def extend(self, items): self.listitems.extend(items)
+    def __setitem__(self, key, value): self.dictitems[key] = value  # SETITEM(S): the items of a dict subclass
+    def __repr__(self):
+        held = {"state": self.state, "dictitems": self.dictitems, "listitems": self.listitems, "args": self.args}
+        shown = [f"{k}={_brief(v)}" for k, v in held.items() if v is not None and not (isinstance(v, (dict, list, tuple)) and not v)]
+        return f"<opaque {_qualname(type(self))}{': ' if shown else ''}{', '.join(shown)}>"
+
+_PLACEHOLDERS: dict[str, type] = {}
+
+def _placeholder(module: str, name: str) -> type:
+    "The `Opaque` subclass standing for the global `module.name` (one class per name)."
+    key = f"{module}.{name}"
+    if key not in _PLACEHOLDERS:
+        _PLACEHOLDERS[key] = _OpaqueMeta(name.rpartition(".")[2], (Opaque,), {"__module__": module, "__qualname__": name})
+    return _PLACEHOLDERS[key]
+
+def _is_opaque(obj) -> bool: return isinstance(obj, type) and issubclass(obj, Opaque)
+
+# %% ../../nbs/core/02_io.ipynb
+_DATA_BUILTINS = ("bool", "int", "float", "complex", "str", "bytes", "bytearray", "tuple", "list", "dict", "set",
+                  "frozenset", "slice", "range", "object", "Ellipsis", "NotImplemented")
+_CODE_MODULES = ("builtins", "os", "posix", "nt", "sys", "subprocess")  # no data class lives here
+
+def _reconstructor(cls, base, state):
+    "Protocols 0 and 1 rebuild plain objects with `copyreg._reconstructor`; here only placeholders are rebuilt."
+    if not _is_opaque(cls): raise _Refused("copyreg._reconstructor", f"it rebuilds {cls!r} with copyreg._reconstructor")
+    return cls.__new__(cls) if state is None else cls.__new__(cls, state)
+
+@functools.cache
+def _data_globals() -> dict[str, typing.Any]:
+    "The globals the data-only unpickler hands out, by `module.name`."
+    import builtins, collections
+    import numpy as np
+    try: from numpy._core import multiarray
+    except ImportError: from numpy.core import multiarray
+    found = dict(_get_allowed_globals())  # what torch.load(weights_only=True) accepts
+    found.update({f"builtins.{n}": getattr(builtins, n) for n in _DATA_BUILTINS})
+    found.update({f"collections.{n}": getattr(collections, n) for n in ("OrderedDict", "defaultdict", "deque", "Counter")})
+    found.update({"copyreg._reconstructor": _reconstructor, "numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype})
+    for core in ("numpy.core", "numpy._core"):  # numpy 1 and numpy 2 spellings
+        found.update({f"{core}.multiarray._reconstruct": multiarray._reconstruct, f"{core}.multiarray.scalar": multiarray.scalar})
+    found.update({f"numpy.dtypes.{n}": t for n, t in vars(np.dtypes).items() if isinstance(t, type) and issubclass(t, np.dtype)})
+    return found
+
+def _describe(obj) -> str:
+    "`module.name` of a global (handed out or a placeholder), else what kind of unpickled object it is."
+    module, name = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+    return f"{module}.{name}" if isinstance(module, str) and isinstance(name, str) else f"an unpickled {type(obj).__name__}"
+
+class _DataUnpickler(pickle._Unpickler):
+    "Unpickles data only: known globals are handed out, others become `Opaque` classes; code-running opcodes are checked."
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._handed, self._callable = set(), set()  # ids of the globals handed out, and of those that may be called
+
+    def find_class(self, module: str, name: str) -> typing.Any:
+        sys.audit("pickle.find_class", module, name)
+        if self.proto < 3: module, name = NAME_MAPPING.get((module, name), (IMPORT_MAPPING.get(module, module), name))
+        full, root = f"{module}.{name}", module.partition(".")[0]
+        known = {**_data_globals(), **_get_user_allowed_globals()}
+        if full in known: obj = known[full]; self._callable.add(id(obj))
+        elif root in _CODE_MODULES: raise _Refused(full, f"it refers to {full}")
+        elif root == "codetr": raise _Refused(full, f"it pickles a {full} object, which codetr's own files never do")
+        else: obj = _placeholder(module, name)
+        self._handed.add(id(obj))
+        return obj
+
+    def _check_call(self, func):
+        if id(func) not in self._callable: raise _Refused(_describe(func), f"it calls {_describe(func)}")
+
+    def _check_new(self, cls):
+        if not (_is_opaque(cls) or isinstance(cls, type) and id(cls) in self._callable):
+            raise _Refused(_describe(cls), f"it creates an object through {_describe(cls)}")
+
+    def _instantiate(self, klass, args):  # INST and OBJ (protocols 0 and 1): klass(*args), or klass.__new__(klass)
+        if args or not _is_opaque(klass): self._check_call(klass)
+        super()._instantiate(klass, args)
+
+    def load_reduce(self):                # REDUCE: stack[-2](*stack[-1])
+        self._check_call(self.stack[-2])
+        super().load_reduce()
+    dispatch[pickle.REDUCE[0]] = load_reduce
+
+    def load_newobj(self):                # NEWOBJ: cls.__new__(cls, *args)
+        self._check_new(self.stack[-2])
+        super().load_newobj()
+    dispatch[pickle.NEWOBJ[0]] = load_newobj
+
+    def load_newobj_ex(self):             # NEWOBJ_EX: cls.__new__(cls, *args, **kwargs)
+        self._check_new(self.stack[-3])
+        super().load_newobj_ex()
+    dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex
+
+    def load_build(self):                 # BUILD: inst.__setstate__(state), or inst.__dict__.update and setattr
+        inst = self.stack[-2]
+        if callable(inst) or id(inst) in self._handed:
+            raise _Refused(_describe(inst), f"it changes the attributes of {_describe(inst)}")
+        super().load_build()
+    dispatch[pickle.BUILD[0]] = load_build
+
+# what torch.load(pickle_module=...) needs: `Unpickler` for the data, `load` for the legacy format's headers
+_DATA_PICKLE = types.SimpleNamespace(__name__="codetr_data_pickle", Unpickler=_DataUnpickler,
+                                     load=lambda f, **kwargs: _DataUnpickler(f, **kwargs).load())
+
+# %% ../../nbs/core/02_io.ipynb
+def _refusal(path: Path, what: str, e: _Refused) -> str:
+    tip = ("re-save it with plain dicts in place of codetr objects (`config_to_dict(cfg)` for a config)"
+           if e.name.startswith("codetr.") else
+           "keep its weights only, e.g. `torch.save(torch.load(f, weights_only=False)['state_dict'], 'weights.pth')`, "
+           "and load that file")
+    return (f"{what} {str(path)!r} was refused: loading it would need to run arbitrary code ({e.why}), so codetr "
+            f"does not load it. If you trust the file, {tip}.")
 
 def safe_load(path: str | os.PathLike,      # a file written by torch.save
               what: str = "checkpoint",     # what the file should be, for error messages
               map_location: str | torch.device = "cpu",
-             ) -> typing.Any:
-    "`torch.load(path, weights_only=True)`, with errors that name the file and say how to proceed."
+             ) -> typing.Any:               # tensors, containers and numpy values; other objects as `Opaque`
+    "Read a `torch.save` file without running code from it; errors name the file and say how to proceed."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"{what} {str(path)!r} not found")
-    try: return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{what} {str(path)!r} was refused: loading it would need to run arbitrary code (it "
-                              f"pickles objects other than tensors and plain containers), and codetr loads weights "
-                              f"with torch.load(weights_only=True) only. If you trust the file, load it yourself "
-                              f"with torch.load(..., weights_only=False) and pass its state dict, or re-save its "
-                              f"tensors as a plain state dict. Details: {str(e).splitlines()[0]}") from None
+    try:
+        try: return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError:  # a global outside torch's allowlist (numpy, mmengine, ...): read data only
+            return torch.load(path, map_location=map_location, pickle_module=_DATA_PICKLE, weights_only=False)
+    except _Refused as e: raise CheckpointError(_refusal(path, what, e)) from None
     except Exception as e:
         raise CheckpointError(f"{what} {str(path)!r} cannot be read as a torch.save file ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else 'no details'}); it may be truncated or in "

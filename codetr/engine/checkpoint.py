@@ -21,9 +21,10 @@ from ..models.detector import official_key_rules
 
 # %% auto 0
 __all__ = ['CLASS_SPECIFIC', 'LEGACY_KEYS', 'EXPORTED_META', 'to_official_key', 'from_official_key', 'to_official_state_dict',
-           'from_official_state_dict', 'load_official', 'CheckpointContents', 'read_weights', 'checkpoint_num_classes',
-           'upgrade_state_dict', 'checkpoint_name', 'list_checkpoints', 'save_checkpoint', 'latest_checkpoint',
-           'load_checkpoint', 'state_dict_of', 'load_state_dict_file', 'export_safetensors']
+           'from_official_state_dict', 'preset_fit', 'best_preset', 'preset_hint', 'load_official',
+           'CheckpointContents', 'read_weights', 'checkpoint_num_classes', 'load_start_weights', 'upgrade_state_dict',
+           'checkpoint_name', 'list_checkpoints', 'save_checkpoint', 'latest_checkpoint', 'load_checkpoint',
+           'state_dict_of', 'load_state_dict_file', 'export_safetensors']
 
 # %% ../../nbs/engine/70_checkpoint.ipynb
 def _invert(pattern: str, repl: str) -> tuple[str, str]:
@@ -60,7 +61,31 @@ def from_official_state_dict(state_dict: Mapping[str, Tensor], cfg: CoDETRConfig
     rules = [_invert(p, r) for p, r in official_key_rules(cfg)]
     return {_rename(k.removeprefix("module."), rules): v for k, v in state_dict.items()}
 
-CLASS_SPECIFIC = re.compile(r"(cls_branches\.\d+\.|bbox_head\.fc_cls\.|bbox_head\.fc_reg\.|atss_cls\.)")
+CLASS_SPECIFIC = re.compile(r"(cls_branches\.\d+\.|bbox_head\.fc_cls\.|bbox_head\.fc_reg\.|atss_cls\.|label_embedding\.)")
+
+def _entries(state_dict: Mapping[str, Tensor]) -> set[tuple[str, tuple[int, ...]]]:
+    "(key, shape) of every weight that does not depend on the class count."
+    return {(k, tuple(v.shape)) for k, v in state_dict.items() if isinstance(v, Tensor) and not CLASS_SPECIFIC.search(k)}
+
+def preset_fit(state_dict: Mapping[str, Tensor], cfg: CoDETRConfig) -> float:
+    "How well weights fit the model of `cfg`: shared (key, shape) entries over the larger of the two sets, in [0, 1]."
+    from codetr.models.detector import build_model
+    with torch.device("meta"): own = _entries(build_model(cfg.without_pretrained()).state_dict())
+    theirs = _entries(from_official_state_dict(state_dict, cfg))
+    return len(own & theirs) / max(len(own), len(theirs), 1)
+
+def best_preset(state_dict: Mapping[str, Tensor]) -> tuple[str, float]:
+    "The preset whose model these weights fit best (any family, any naming), and how well."
+    from codetr.models.presets import PRESETS
+    return max(((name, preset_fit(state_dict, make())) for name, make in PRESETS.items()), key=lambda t: t[1])
+
+def preset_hint(state_dict: Mapping[str, Tensor], cfg: CoDETRConfig) -> str:
+    "A sentence for load errors: which preset the weights were made for, when it is not the model's."
+    name, fit = best_preset(state_dict)
+    if name == cfg.name or fit <= preset_fit(state_dict, cfg): return ""
+    return (f". These weights fit the preset {name!r} ({fit:.0%} of the weights agree in name and shape), not the "
+            f"model of {cfg.name!r}: build the model from that preset (command line: --preset {name}, or the "
+            f"checkpoint's stored config)")
 
 def load_official(model: nn.Module,                  # a `CoDETR` built from `cfg`
                   checkpoint: str | os.PathLike | Mapping, # official file, checkpoint dict or state_dict
@@ -77,7 +102,8 @@ def load_official(model: nn.Module,                  # a `CoDETR` built from `cf
     other = [k for k in mismatched if k not in class_keys]
     name = checkpoint if isinstance(checkpoint, (str, os.PathLike)) else "the checkpoint"
     if other: raise ValueError(f"{name}: shapes differ for {len(other)} weights, e.g. {other[0]}: "
-                               f"{tuple(ours[other[0]].shape)} in the file, {tuple(own[other[0]].shape)} in the model")
+                               f"{tuple(ours[other[0]].shape)} in the file, {tuple(own[other[0]].shape)} in the model"
+                               + preset_hint(src, cfg))
     if class_keys and not skip_class_mismatch:
         k = class_keys[0]
         raise ValueError(f"{name} was trained with another class count: {k} is {tuple(ours[k].shape)} in the file, "
@@ -88,7 +114,8 @@ def load_official(model: nn.Module,                  # a `CoDETR` built from `cf
     missing = [k for k in result.missing_keys if k not in class_keys]
     if strict and (missing or result.unexpected_keys):
         raise ValueError(f"{name}: {len(missing)} missing keys (e.g. {missing[:3]}) and {len(result.unexpected_keys)} "
-                         f"unexpected keys (e.g. {result.unexpected_keys[:3]}) for the model of {cfg.name}")
+                         f"unexpected keys (e.g. {result.unexpected_keys[:3]}) for the model of {cfg.name}"
+                         + preset_hint(src, cfg))
     return {"missing": missing, "unexpected": list(result.unexpected_keys), "skipped": class_keys}
 
 # %% ../../nbs/engine/70_checkpoint.ipynb
@@ -141,6 +168,15 @@ def checkpoint_num_classes(state_dict: dict[str, Tensor]) -> int | None:
     for k, v in state_dict.items():
         if k.removeprefix("module.").endswith("query_head.cls_branches.0.weight"): return int(v.shape[0])
     return None
+
+# %% ../../nbs/engine/70_checkpoint.ipynb
+def load_start_weights(model: nn.Module, path: str | os.PathLike, cfg: CoDETRConfig) -> dict[str, list[str]]:
+    "Load a weights file of any kind as a run's starting point; class-specific layers of another class count stay fresh."
+    report = load_official(model, read_weights(path).state_dict, cfg, skip_class_mismatch=True, strict=True)
+    if report["skipped"]:
+        print(f"{path}: another class count; {len(report['skipped'])} class-specific weights start fresh "
+              f"(e.g. {report['skipped'][0]})")
+    return report
 
 # %% ../../nbs/engine/70_checkpoint.ipynb
 _CKPT = re.compile(r"^epoch_(\d+)_iter_(\d+)\.pt$")

@@ -27,7 +27,8 @@ from ..core.config import config_to_dict, override
 from ..core.dist import get_rank, get_world_size, init_device, is_dist, is_main_process
 from ..core.io import atomic_write
 from ..data.coco import collate, build_dataset
-from .checkpoint import export_safetensors, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (export_safetensors, latest_checkpoint, load_checkpoint, load_start_weights,
+                                     save_checkpoint)
 from .evaluate import ap_table, evaluate, shard_loader, write_metrics
 from .run_state import (EpochSampler, SeededDataset, build_optimizer, build_scheduler, clip_gradients,
                                      rng_state, seed_everything, set_rng_state)
@@ -340,6 +341,7 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", help="run folder (default: work_dirs/<preset>)")
     p.add_argument("--auto-resume", action="store_true", help="continue from the run folder's latest checkpoint")
     p.add_argument("--resume", help="continue from this checkpoint")
+    p.add_argument("--load-from", help="start from these weights (official file, .safetensors or a run's checkpoint)")
     p.add_argument("--no-validate", action="store_true", help="skip the evaluation after training")
     p.add_argument("--epochs", type=int, help="override optim.epochs")
     p.add_argument("--batch-size", type=int, help="images per process (override optim.batch_size)")
@@ -376,12 +378,14 @@ def main(argv: Sequence[str] | None = None,
     val_set = None if args.no_validate else build_dataset("val", args.val_images, args.val_ann, aug=cfg.aug)
     _check_same_classes(train_set, val_set)
     cfg = override(cfg, num_classes=train_set.num_classes)
+    if args.load_from: cfg = cfg.without_pretrained()  # the file has the backbone's weights
     trainer = Trainer(cfg, train_set, args.work_dir or Path("work_dirs") / args.preset, val_set=val_set,
                       model_factory=model_factory, device=device, seed=args.seed, amp=args.amp,
                       accum_steps=args.accum_steps, num_workers=args.num_workers,
                       checkpoint_interval=args.checkpoint_interval, keep_last=args.keep_last,
                       val_interval=args.val_interval, progress=not args.no_progress, deterministic=args.deterministic,
                       find_unused_parameters=args.find_unused_parameters)
+    if args.load_from: load_start_weights(trainer.model, args.load_from, cfg)  # a resumed run's checkpoint wins
     trainer.fit(auto_resume=args.auto_resume, resume_from=args.resume)
     if is_main_process():
         export_safetensors(trainer.model.state_dict(), trainer.work_dir / "model.safetensors",

@@ -5,6 +5,7 @@
 # %% ../../nbs/models/69_presets.ipynb 3
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Sequence
 
 from ..core.config import override, parse_cfg_options
@@ -19,7 +20,10 @@ PRESETS: dict[str, Callable[..., CoDETRConfig]] = {**co_deformable_detr.PRESETS,
 
 def get_preset(name: str, num_classes: int | None = None) -> CoDETRConfig:
     "A preset by name, optionally with another class count."
-    if name not in PRESETS: raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, PRESETS, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"unknown preset {name!r}; {hint}available: {sorted(PRESETS)}")
     return PRESETS[name]() if num_classes is None else PRESETS[name](num_classes)
 
 def run_config(preset: str | None,                   # preset name (ignored when `stored` is given)

@@ -11,11 +11,13 @@ from torch import nn
 
 from codetr.core.config import config_from_dict, config_to_dict, override
 from codetr.data.coco import AugConfig
+from codetr.data.lsj import LSJConfig
 from codetr.heads.atss import ATSSHeadConfig
 from codetr.heads.base import AuxHeadConfig, PositiveCoords
 from codetr.heads.roi import RPNRoIHeadConfig
 from codetr.models.co_deformable_detr import (co_deformable_detr_r50_1x_coco, co_deformable_detr_tiny,
                                               deformable_detr_r50_1x_coco, deformable_detr_tiny)
+from codetr.models.co_dino import co_dino_5scale_r50_1x_coco, co_dino_5scale_r50_lsj_1x_coco
 from codetr.models.config import CoDETRConfig, config_from_stored, loss_weight_table
 from codetr.models.detector import build_model, official_key_rules, total_loss
 from codetr.models.presets import PRESETS, get_preset, run_config
@@ -54,6 +56,21 @@ OFFICIAL = {
 }
 
 
+# The Co-DINO LSJ preset (Sense-X co_dino_5scale_lsj_r50_1x_coco): spec section -> (config path, official value)
+OFFICIAL_CO_DINO_LSJ = {
+    "1.2 model": [("backbone.depth", 50), ("backbone.out_indices", (0, 1, 2, 3)), ("neck.num_outs", 5),
+                  ("query_head.transformer.num_levels", 5), ("query_head.num_queries", 900),
+                  ("query_head.num_dn_queries", 100), ("aux_heads.0.roi.finest_scale", 56), ("lambda_2", 2.0)],
+    "4.1 / 5.3 no padding mask": [("with_attn_mask", False)],
+    "5.1 recipe": [("optim.lr", 2e-4), ("optim.weight_decay", 1e-4), ("optim.clip_max_norm", 0.1), ("optim.epochs", 12),
+                   ("optim.lr_steps", (11,)), ("optim.lr_gamma", 0.1), ("optim.batch_size", 2),
+                   ("optim.lr_mult", (("backbone", 0.1),))],
+    "5.3 lsj": [("aug.size", 1024), ("aug.ratio_range", (0.1, 2.0)), ("aug.pad_value", 114), ("aug.flip_prob", 0.5),
+                ("aug.min_box_size", 0.01)],
+    "5.4 test": [("query_head.test_top_k", 300), ("query_head.nms_iou", 0.8), ("query_head.postprocess", "mmdet3")],
+}
+
+
 def get(cfg, dotted):
     for part in dotted.split("."): cfg = cfg[int(part)] if part.isdigit() else getattr(cfg, part)
     return cfg
@@ -64,6 +81,31 @@ def test_official_numbers(section):
     cfg = co_deformable_detr_r50_1x_coco()
     for path, value in OFFICIAL[section]:
         assert get(cfg, path) == value, f"spec {section}: {path} = {get(cfg, path)!r}, expected {value!r}"
+
+
+@pytest.mark.parametrize("section", sorted(OFFICIAL_CO_DINO_LSJ))
+def test_official_co_dino_lsj_numbers(section):
+    cfg = get_preset("co_dino_5scale_r50_lsj_1x_coco")
+    for path, value in OFFICIAL_CO_DINO_LSJ[section]:
+        assert get(cfg, path) == value, f"spec {section}: {path} = {get(cfg, path)!r}, expected {value!r}"
+
+
+def test_lsj_preset_changes_only_the_recipe_and_the_mask():
+    lsj, detr = co_dino_5scale_r50_lsj_1x_coco(), co_dino_5scale_r50_1x_coco()
+    diff = {f.name for f in dataclasses.fields(CoDETRConfig) if getattr(lsj, f.name) != getattr(detr, f.name)}
+    assert diff == {"name", "with_attn_mask", "aug"} and type(lsj.aug) is LSJConfig and detr.with_attn_mask
+    assert co_dino_5scale_r50_lsj_1x_coco(3).num_classes == 3
+
+
+def test_aug_is_any_augmentation_config_and_old_stores_keep_the_mask():
+    cfg = co_deformable_detr_tiny()
+    with pytest.raises(TypeError, match="CoDETRConfig.aug"): replace(cfg, aug=cfg.optim)
+    stored = json.loads(json.dumps(config_to_dict(replace(cfg, aug=LSJConfig(size=64)))))
+    assert config_from_stored(stored).aug == LSJConfig(size=64)
+    stored = json.loads(json.dumps(config_to_dict(cfg)))
+    del stored["with_attn_mask"]  # a config stored before the field existed
+    assert config_from_stored(stored) == cfg and config_from_stored(stored).with_attn_mask is True
+    assert override(cfg, with_attn_mask="false", **{"aug.flip_prob": "0.25"}).with_attn_mask is False
 
 
 def test_official_heads_lr_multipliers_and_augmentation():

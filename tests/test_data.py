@@ -14,7 +14,7 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from codetr.data.coco import (AugConfig, Batch, CocoDetection, DropEmptyBoxes, RandomCropAbsolute, RandomShortSideResize,
+from codetr.data.coco import (AugConfig, AugmentationConfig, Batch, CocoDetection, DropEmptyBoxes, RandomCropAbsolute, RandomShortSideResize,
                          build_dataset, coco_paths, collate, detr_augmentation, eval_transforms, load_image,
                          read_coco_json, resized_hw, small_augmentation, to_coco_results, train_transforms)
 from codetr.data.viz import PIXEL_MEAN, PIXEL_STD
@@ -423,6 +423,26 @@ def test_collate_pads_bottom_right_and_masks():
     assert [t["image_id"] for t in batch.targets] == [1, 2]
     moved = batch.to("cpu")
     assert torch.equal(moved.images, batch.images) and moved.targets[0]["orig_size"] == (40, 60)
+
+def test_collate_masks_outside_img_size():
+    "A transform may pad before normalisation (large-scale jitter): the mask covers everything outside `img_size`."
+    a = (torch.ones(3, 8, 8), {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long), "img_size": (5, 6)})
+    b = (torch.ones(3, 6, 4), {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)})  # no img_size
+    batch = collate([a, b])
+    expected = torch.ones(2, 8, 8, dtype=torch.bool)
+    expected[0, :5, :6] = False; expected[1, :6, :4] = False
+    assert torch.equal(batch.pad_mask, expected) and (batch.images[0] == 1).all()  # the pixels are left as they are
+
+
+def test_recipes_are_chosen_by_the_config_type():
+    class NoRecipe(AugmentationConfig): pass
+    with pytest.raises(NotImplementedError, match="NoRecipe.train_transforms"): train_transforms(NoRecipe())
+    with pytest.raises(NotImplementedError, match="NoRecipe.eval_transforms"): eval_transforms(NoRecipe())
+    cfg = AugConfig().scaled(0.1)
+    img = tv_tensors.Image(torch.zeros(3, 50, 70, dtype=torch.uint8))
+    assert eval_transforms(cfg)(img).shape == cfg.eval_transforms()(img).shape == (3, 80, 112)
+    assert isinstance(train_transforms(cfg), v2.Compose) and isinstance(train_transforms(), v2.Compose)
+
 
 def test_collate_single_and_empty():
     one = collate([(torch.ones(3, 4, 5), {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)})])

@@ -316,3 +316,24 @@ def test_import_does_not_run_cli(monkeypatch):
     import codetr.engine.predict
     monkeypatch.setattr(sys, "argv", ["x", "--bogus"])  # main() would exit on this
     importlib.reload(codetr.engine.predict)
+
+
+def test_predictor_with_a_padding_recipe_knows_the_image_size():
+    """LSJ pads every image to a square canvas: the predictor gives the model the resized image's own size (not the
+    canvas), so detections map back to the original pixels on both axes."""
+    from codetr.data.lsj import LSJConfig
+    from codetr.models.co_dino import co_dino_tiny
+    cfg = replace(co_dino_tiny(3), aug=LSJConfig(size=64), with_attn_mask=False)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    pred = Predictor(model, cfg, identity_class_mapping(3))
+    image = torch.randint(0, 255, (3, 60, 120), dtype=torch.uint8)
+    x, sizes = pred.prepare(image)
+    assert tuple(x.shape) == (3, 64, 64) and sizes == {"img_size": (32, 64), "orig_size": (60, 120)}
+    det = pred([image])[0]
+    assert len(det["boxes"]) > 0
+    assert (det["boxes"][:, 0::2] <= 120).all() and (det["boxes"][:, 1::2] <= 60).all()
+    # the same detections as the model's own call with these sizes: boxes scaled from the 64 x 64 canvas by 120 / 64
+    with torch.no_grad(): direct = model([x], [sizes])[0]
+    torch.testing.assert_close(det["boxes"], direct["boxes"])
+    assert det["boxes"][:, 1::2].max() > 30  # y reaches beyond half the image (the wrong scale would halve it)

@@ -29,10 +29,10 @@ from .synthetic import synthetic_dataset
 from .viz import PIXEL_MEAN, PIXEL_STD
 
 # %% auto 0
-__all__ = ['load_image', 'read_coco_json', 'coco_index', 'parse_annotations', 'CocoDetection', 'AugConfig', 'detr_augmentation',
-           'small_augmentation', 'resized_hw', 'RandomShortSideResize', 'RandomCropAbsolute', 'DropEmptyBoxes',
-           'train_transforms', 'eval_transforms', 'Batch', 'pad_images', 'collate', 'coco_paths', 'build_dataset',
-           'to_coco_results']
+__all__ = ['load_image', 'read_coco_json', 'coco_index', 'parse_annotations', 'CocoDetection', 'AugmentationConfig', 'AugConfig',
+           'detr_augmentation', 'small_augmentation', 'resized_hw', 'RandomShortSideResize', 'RandomCropAbsolute',
+           'DropEmptyBoxes', 'compose_transforms', 'train_transforms', 'eval_transforms', 'Batch', 'pad_images',
+           'collate', 'coco_paths', 'build_dataset', 'to_coco_results']
 
 # %% ../../nbs/data/22_coco.ipynb
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -179,12 +179,18 @@ class CocoDetection(torch.utils.data.Dataset):
         image = tv_tensors.Image(F.pil_to_tensor(pil))  # (3, H, W) uint8
         target = self.load_target(idx, orig_size)
         if self.transforms is not None: image, target = self.transforms(image, target)
-        target.update(image_id=image_id, orig_size=orig_size, img_size=tuple(image.shape[-2:]))
+        target.update(image_id=image_id, orig_size=orig_size, img_size=target.get("img_size", tuple(image.shape[-2:])))
         return image, target
 
 # %% ../../nbs/data/22_coco.ipynb
 @dataclass(frozen=True)
-class AugConfig(Config):
+class AugmentationConfig(Config):
+    "Base of augmentation recipes: `train_transforms()` and `eval_transforms()` build its `(image, target)` pipelines."
+    def train_transforms(self, normalize: bool = True) -> v2.Compose: raise NotImplementedError(f"{type(self).__name__}.train_transforms")
+    def eval_transforms(self, normalize: bool = True) -> v2.Compose: raise NotImplementedError(f"{type(self).__name__}.eval_transforms")
+
+@dataclass(frozen=True)
+class AugConfig(AugmentationConfig):
     "Sizes of the DETR augmentation (spec 5.2); the defaults are the official ones."
     scales: tuple[int, ...] = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800) # policy A shorter sides
     max_size: int = 1333                     # policy A longest side
@@ -215,6 +221,18 @@ class AugConfig(Config):
                        crop_scales=tuple(s(v) for v in self.crop_scales), crop_max_size=s(self.crop_max_size),
                        crop_range=(s(self.crop_range[0]), s(self.crop_range[1])), test_scale=s(self.test_scale),
                        test_max_size=s(self.test_max_size))
+
+    def train_transforms(self, normalize: bool = True) -> v2.Compose:
+        "Flip, then policy A or B (spec 5.2)."
+        policy_a = RandomShortSideResize(self.scales, self.max_size)
+        policy_b = v2.Compose([RandomShortSideResize(self.crop_scales, self.crop_max_size), RandomCropAbsolute(self.crop_range),
+                               DropEmptyBoxes(), RandomShortSideResize(self.scales, self.max_size)])
+        choice = v2.RandomChoice([policy_a, policy_b], p=[1 - self.policy_b_prob, self.policy_b_prob])
+        return compose_transforms([v2.RandomHorizontalFlip(self.flip_prob), choice], normalize)
+
+    def eval_transforms(self, normalize: bool = True) -> v2.Compose:
+        "Short side `test_scale`, long side at most `test_max_size`, no flip."
+        return compose_transforms([RandomShortSideResize((self.test_scale,), self.test_max_size)], normalize)
 
 def detr_augmentation() -> AugConfig:
     "The official sizes: train short side 480..800 (long <= 1333), crop policy 400/500/600 and 384..600, test 800/1333."
@@ -278,27 +296,20 @@ class DropEmptyBoxes(nn.Module):
         return image, target
 
 # %% ../../nbs/data/22_coco.ipynb
-def _finish(steps: list, normalize: bool) -> v2.Compose:
-    if normalize: steps += [v2.ToDtype(torch.float32, scale=False), v2.Normalize(PIXEL_MEAN, PIXEL_STD)]
+def compose_transforms(steps: list, normalize: bool) -> v2.Compose:
+    "`steps` composed, followed by float conversion and the official normalisation when `normalize`."
+    if normalize: steps = steps + [v2.ToDtype(torch.float32, scale=False), v2.Normalize(PIXEL_MEAN, PIXEL_STD)]
     return v2.Compose(steps)
 
-def train_transforms(cfg: AugConfig | None = None, # sizes; `detr_augmentation()` when None
+def train_transforms(cfg: AugmentationConfig | None = None, # recipe and sizes; `detr_augmentation()` when None
                      normalize: bool = True,       # end with float conversion and the official normalisation
                     ) -> v2.Compose:
-    "The official DETR training augmentation (spec 5.2): flip, then policy A or B."
-    cfg = cfg or detr_augmentation()
-    policy_a = RandomShortSideResize(cfg.scales, cfg.max_size)
-    policy_b = v2.Compose([RandomShortSideResize(cfg.crop_scales, cfg.crop_max_size),
-                           RandomCropAbsolute(cfg.crop_range), DropEmptyBoxes(),
-                           RandomShortSideResize(cfg.scales, cfg.max_size)])
-    steps = [v2.RandomHorizontalFlip(cfg.flip_prob),
-             v2.RandomChoice([policy_a, policy_b], p=[1 - cfg.policy_b_prob, cfg.policy_b_prob])]
-    return _finish(steps, normalize)
+    "The training augmentation of `cfg` (the official DETR one of spec 5.2 by default)."
+    return (cfg or detr_augmentation()).train_transforms(normalize)
 
-def eval_transforms(cfg: AugConfig | None = None, normalize: bool = True) -> v2.Compose:
-    "The official test transform: short side `test_scale`, long side at most `test_max_size`, no flip."
-    cfg = cfg or detr_augmentation()
-    return _finish([RandomShortSideResize((cfg.test_scale,), cfg.test_max_size)], normalize)
+def eval_transforms(cfg: AugmentationConfig | None = None, normalize: bool = True) -> v2.Compose:
+    "The test transform of `cfg` (by default: short side 800, long side at most 1333, no flip)."
+    return (cfg or detr_augmentation()).eval_transforms(normalize)
 
 # %% ../../nbs/data/22_coco.ipynb
 @dataclass
@@ -338,11 +349,13 @@ def pad_images(images: Sequence[Tensor], # per image (3, H_i, W_i)
     return batch, pad_mask
 
 def collate(samples: Sequence[tuple[Tensor, dict]]) -> Batch:
-    "Pad `(image, target)` samples bottom-right with zeros into a `Batch` with a padding mask."
+    "Pad `(image, target)` samples bottom-right with zeros into a `Batch`; the mask covers all outside `img_size`."
     if len(samples) == 0: raise ValueError("collate: got an empty list of samples")
     images, pad_mask = pad_images([img for img, _ in samples], torch.float32)  # (B, 3, H, W), (B, H, W)
     targets = []
-    for img, tgt in samples:
+    for i, (img, tgt) in enumerate(samples):
+        h, w = tgt.get("img_size", img.shape[-2:])  # smaller than the image when a transform padded it
+        pad_mask[i, h:], pad_mask[i, :, w:] = True, True
         t = {k: v.as_subclass(Tensor) if isinstance(v, Tensor) else v for k, v in tgt.items()}
         t["boxes"] = t["boxes"].float().reshape(-1, 4)  # (G, 4)
         t["labels"] = t["labels"].long()  # (G,)
@@ -359,10 +372,10 @@ def coco_paths(root: str | Path, split: str = "train", year: int = 2017) -> tupl
 def build_dataset(split: str = "train",              # "train" (augmented) or "val" (test transform)
                   img_folder: str | Path | None = None, # image folder; the synthetic set when None
                   ann_file: str | Path | None = None,   # annotation file; the synthetic set when None
-                  aug: AugConfig | None = None,       # sizes; see above for the default
+                  aug: AugmentationConfig | None = None, # recipe and sizes; see above for the default
                   synthetic_root: str | Path | None = None, # where the synthetic set lives (its default when None)
                  ) -> CocoDetection:
-    "A dataset with the official transforms; the embedded synthetic set when no files are given."
+    "A dataset with the transforms of `aug`; the embedded synthetic set when no files are given."
     if split not in ("train", "val"): raise ValueError(f"build_dataset: split={split!r}, expected 'train' or 'val'")
     if (img_folder is None) != (ann_file is None):
         raise ValueError("build_dataset: give both img_folder and ann_file, or neither (synthetic set)")
@@ -371,7 +384,7 @@ def build_dataset(split: str = "train",              # "train" (augmented) or "v
         img_folder, ann_file = (paths.train_images, paths.train_json) if split == "train" else (paths.val_images, paths.val_json)
         aug = aug or small_augmentation()
     aug = aug or detr_augmentation()
-    return CocoDetection(img_folder, ann_file, train_transforms(aug) if split == "train" else eval_transforms(aug))
+    return CocoDetection(img_folder, ann_file, aug.train_transforms() if split == "train" else aug.eval_transforms())
 
 # %% ../../nbs/data/22_coco.ipynb
 def to_coco_results(image_id: int,

@@ -125,8 +125,9 @@ class Predictor:
     def prepare(self, image) -> tuple[Tensor, dict]:
         "The normalised, resized (3, h, w) input and the sizes the model needs."
         raw = _as_uint8_chw(image)
-        x = self.transforms(tv_tensors.Image(raw)).as_subclass(Tensor)  # (3, h, w) float, normalised
-        return x, {"img_size": tuple(x.shape[-2:]), "orig_size": tuple(raw.shape[-2:])}
+        x, t = self.transforms(tv_tensors.Image(raw), {})  # a padding transform (LSJ) records the image's own size
+        x = x.as_subclass(Tensor)  # (3, h, w) float, normalised
+        return x, {"img_size": tuple(t.get("img_size", x.shape[-2:])), "orig_size": tuple(raw.shape[-2:])}
 
     @torch.no_grad()
     def __call__(self, images: Sequence) -> list[dict[str, Tensor]]:

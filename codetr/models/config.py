@@ -11,7 +11,7 @@ from ..backbones.base import BackboneConfig, NeckConfig
 from ..backbones.necks import ChannelMapperConfig
 from ..backbones.resnet import ResNetConfig
 from ..core.config import Config, config_from_dict
-from ..data.coco import AugConfig, detr_augmentation
+from ..data.coco import AugmentationConfig, detr_augmentation
 from ..heads.atss import ATSSHeadConfig
 from ..heads.base import AuxHeadConfig, QueryHeadConfig
 from ..heads.detr import CoDeformDETRHeadConfig
@@ -36,7 +36,7 @@ class OptimConfig(Config):
     batch_size: int = 2                         # images per process (the official run: 2 x 8 GPUs)
 
 # %% ../../nbs/models/60_config.ipynb
-_PARTS = {"backbone": BackboneConfig, "neck": NeckConfig, "query_head": QueryHeadConfig}
+_PARTS = {"backbone": BackboneConfig, "neck": NeckConfig, "query_head": QueryHeadConfig, "aug": AugmentationConfig}
 
 @dataclass(frozen=True)
 class CoDETRConfig(Config):
@@ -48,8 +48,9 @@ class CoDETRConfig(Config):
     query_head: QueryHeadConfig = field(default_factory=CoDeformDETRHeadConfig)
     aux_heads: tuple[AuxHeadConfig, ...] = (RPNRoIHeadConfig(), ATSSHeadConfig()) # () = no auxiliary heads
     lambda_2: float = 2.0                       # auxiliary loss weight, times num_decoder_layers (spec 2.2)
+    with_attn_mask: bool = True                 # False: no padding mask, the padded batch is the image (spec 5.3)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    aug: AugConfig = field(default_factory=detr_augmentation)
+    aug: AugmentationConfig = field(default_factory=detr_augmentation) # AugConfig (DETR) or LSJConfig
 
     def __post_init__(self):
         if self.num_classes < 1: raise ValueError(f"CoDETRConfig.num_classes={self.num_classes}: expected >= 1")
@@ -105,7 +106,7 @@ def upgrade_stored_config(d: dict) -> dict:
             "query_head": _typed("CoDeformDETRHeadConfig", {"transformer": _typed("TransformerConfig", t), **d["head"], **pos,
                                                            "pos_queries": _typed("PositiveQueryConfig", d["pos_queries"])}),
             "aux_heads": [heads[h]() for h in d["aux_heads"]], "lambda_2": d["lambda_2"],
-            "optim": d["optim"], "aug": d["aug"]}
+            "optim": d["optim"], "aug": _typed("AugConfig", d["aug"])}
 
 def config_from_stored(d: dict) -> CoDETRConfig:
     "The `CoDETRConfig` of a stored config dict (today's layout or the earlier one)."

@@ -18,8 +18,8 @@ from .config import CoDETRConfig
 from ..transformer.deformable import TransformerOutput
 
 # %% auto 0
-__all__ = ['AUX_ONLY', 'memory_maps', 'AuxPyramid', 'unpadded_sizes', 'total_loss', 'CoDETR', 'build_model', 'official_key_rules',
-           'parameter_counts']
+__all__ = ['AUX_ONLY', 'memory_maps', 'AuxPyramid', 'unpadded_sizes', 'padding_as_content', 'total_loss', 'CoDETR', 'build_model',
+           'official_key_rules', 'parameter_counts']
 
 # %% ../../nbs/models/61_detector.ipynb
 def memory_maps(state: TransformerOutput) -> list[Tensor]:
@@ -46,6 +46,12 @@ def unpadded_sizes(pad_mask: Tensor) -> list[tuple[int, int]]:
     "(h, w) of the valid top-left block of each image in a padded batch."
     valid = ~pad_mask  # (B, H, W)
     return [(int(v.any(1).sum()), int(v.any(0).sum())) for v in valid]
+
+def padding_as_content(pad_mask: Tensor, # (B, H, W) True = padding
+                      ) -> tuple[Tensor, list[tuple[int, int]]]: # (B, H, W) all False, (H, W) for every image
+    "No padding mask, and the padded batch size as every image's size (the official `with_attn_mask=False`)."
+    B, H, W = pad_mask.shape
+    return torch.zeros_like(pad_mask), [(H, W)] * B
 
 def total_loss(losses: dict[str, Tensor]) -> Tensor:
     "Sum of every entry whose key contains 'loss' (metrics such as `acc0` are left out), as the official code does."
@@ -80,11 +86,9 @@ class CoDETR(nn.Module):
         "Losses in training mode, detections (boxes xyxy in original pixels, scores, labels) in eval mode."
         images, pad_mask = self._batch(images, pad_mask)
         img_sizes = self._img_sizes(targets, pad_mask)
-        if not self.training:
-            outputs = self.query_outputs(images, pad_mask)
-            orig = [tuple(t.get("orig_size", s)) for t, s in zip(targets, img_sizes)] if targets else img_sizes
-            return self.query_head.predict(outputs, img_sizes, orig)
+        if not self.training: return self._predict(images, pad_mask, img_sizes, targets)
         if targets is None: raise ValueError("CoDETR.forward: targets are required in training mode")
+        pad_mask, img_sizes = self.mask_and_sizes(pad_mask, img_sizes)
         outputs = self.query_outputs(images, pad_mask, targets, img_sizes)
         return self._losses(outputs, targets, img_sizes, tuple(images.shape[-2:]))
 
@@ -116,6 +120,21 @@ class CoDETR(nn.Module):
     def _img_sizes(targets, pad_mask) -> list[tuple[int, int]]:
         if targets and all("img_size" in t for t in targets): return [tuple(int(v) for v in t["img_size"]) for t in targets]
         return unpadded_sizes(pad_mask)
+
+    def mask_and_sizes(self, pad_mask: Tensor, img_sizes: list[tuple[int, int]]) -> tuple[Tensor, list[tuple[int, int]]]:
+        "The padding mask and image sizes the heads see in training: without the attention mask, the padded canvas."
+        return (pad_mask, img_sizes) if self.cfg.with_attn_mask else padding_as_content(pad_mask)
+
+    def _predict(self, images, pad_mask, img_sizes, targets) -> list[dict[str, Tensor]]:
+        "Detections in original pixels; without the attention mask the padded canvas is decoded as the image."
+        orig = [tuple(t.get("orig_size", s)) for t, s in zip(targets, img_sizes)] if targets else img_sizes
+        if self.cfg.with_attn_mask: return self.query_head.predict(self.query_outputs(images, pad_mask), img_sizes, orig)
+        no_mask, canvas = padding_as_content(pad_mask)
+        canvas_orig = [(H * oh / h, W * ow / w) for (H, W), (h, w), (oh, ow) in zip(canvas, img_sizes, orig)]
+        dets = self.query_head.predict(self.query_outputs(images, no_mask), canvas, canvas_orig)
+        for det, (oh, ow) in zip(dets, orig):
+            det["boxes"] = torch.minimum(det["boxes"].clamp(min=0), det["boxes"].new_tensor([ow, oh, ow, oh]))  # (k, 4)
+        return dets
 
     def _losses(self, outputs, targets, img_sizes, pad_hw) -> dict[str, Tensor]:
         "One-to-one losses, then for each auxiliary head its own losses and its positive queries' losses."

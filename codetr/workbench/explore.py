@@ -143,8 +143,9 @@ def head_assignments(model: CoDETR, dataset: CocoDetection, index: int, seed: in
     with _eval_mode(model):
         batch = collate([dataset[index]]).to(_device(model))
         tg = batch.targets[0]
-        img_sizes, pad_hw = [tuple(tg["img_size"])], tuple(batch.images.shape[-2:])
-        outputs = model.query_outputs(batch.images, batch.pad_mask)
+        pad_mask, img_sizes = model.mask_and_sizes(batch.pad_mask, [tuple(tg["img_size"])])  # as in training
+        pad_hw = tuple(batch.images.shape[-2:])
+        outputs = model.query_outputs(batch.images, pad_mask)
         panels = {"detr": model.query_head.explain_matches(outputs, tg["labels"], tg["boxes"], img_sizes[0])}
         pyramid = model.pyramid(outputs) if len(model.aux_heads) else []
         queries = {}
@@ -246,9 +247,10 @@ def decoder_sampling(model: CoDETR, dataset: CocoDetection, index: int) -> Decod
     with _eval_mode(model):
         batch = collate([dataset[index]]).to(_device(model))
         layers = [layer.cross_attn for layer in model.query_head.transformer.decoder.layers]
+        pad_mask, sizes = model.mask_and_sizes(batch.pad_mask, [tuple(batch.targets[0]["img_size"])])
         with capture_sampling(layers) as records:
-            outputs = model.query_outputs(batch.images, batch.pad_mask)
-    h, w = batch.targets[0]["img_size"]
+            outputs = model.query_outputs(batch.images, pad_mask)
+    h, w = sizes[0]  # the image, or with padding as content (LSJ) the whole canvas
     L = records[0].spatial_shapes.shape[0]
     scores, labels = outputs.pred_logits[0].sigmoid().max(-1)  # (Q,), (Q,)
     refs = torch.stack([r.reference_points[0, :, 0] for r in records])  # (N, Q, 4) (ratio 1: one unpadded image)

@@ -117,6 +117,16 @@ def test_cli_fine_tunes_co_dino_from_official_weights(tmp_path, synth, capsys):
     key = "query_head.transformer.encoder.layers.0.self_attn.value_proj.weight"
     torch.testing.assert_close(out[key], src.state_dict()[key])  # lr 0: still the loaded weights
     assert out["query_head.label_embedding.weight"].shape[0] == 6
+    # the run's safetensors export carries the config and the classes: the predictor and the evaluation CLI need
+    # nothing else, and give the same detections
+    from codetr.engine.evaluate import main as evaluate_main
+    from codetr.engine.predict import load_predictor
+    export = tmp_path / "run" / "model.safetensors"
+    pred = load_predictor(export)
+    assert pred.cfg.name == "co_dino_tiny" and pred.classes.names[0] == "ellipse"
+    metrics = evaluate_main(["co_dino_tiny", "--checkpoint", str(export), "--images", str(synth.val_images),
+                             "--ann", str(synth.val_json), "--work-dir", str(tmp_path / "eval")])
+    assert 0 <= metrics["AP"] <= 100 and (tmp_path / "eval" / "detections.json").is_file()
 
 
 @pytest.mark.slow

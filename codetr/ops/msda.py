@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -66,45 +67,112 @@ def _check_inputs(value: Tensor, spatial_shapes: Tensor, level_start_index: Tens
         raise ValueError(f"ms_deform_attn: value has S={S} tokens but spatial_shapes sum to {int(spatial_shapes.prod(1).sum())}")
 
 # %% ../../nbs/ops/12_msda.ipynb
-def _corner_weights(fx: Tensor, fy: Tensor, a: Tensor) -> Tensor:
-    "Bilinear weights times attention, (N, L*P*4) in corner order (y0,x0) (y0,x1) (y1,x0) (y1,x1)."
-    wy = torch.stack([1 - fy, fy], -1) * a[..., None]  # (N, LP, 2)
-    wx = torch.stack([1 - fx, fx], -1)  # (N, LP, 2)
-    return (wy[..., :, None] * wx[..., None, :]).flatten(1)  # (N, LP*4)
+def _pad_levels(value: Tensor, hw: list[tuple[int, int]]) -> Tensor:
+    "value (B, S, M, D) with a zero border of one pixel around every level: (B, sum (H+2)*(W+2), M, D)."
+    B, S, M, D = value.shape
+    padded = value.new_zeros(B, sum((h + 2) * (w + 2) for h, w in hw), M, D)  # (B, S', M, D)
+    start = 0
+    for v, (h, w) in zip(value.split([h * w for h, w in hw], dim=1), hw):
+        level = padded[:, start:start + (h + 2) * (w + 2)].view(B, h + 2, w + 2, M, D)  # (B, H+2, W+2, M, D)
+        level[:, 1:-1, 1:-1] = v.view(B, h, w, M, D)
+        start += (h + 2) * (w + 2)
+    return padded
+
+class _Grid(NamedTuple):
+    "Constants of the padded table, one entry per (level, point) so that every broadcast runs along L*P."
+    wh: Tensor       # (LP, 2) level width and height
+    wh_max: Tensor   # (LP, 2) W - 1, H - 1: the largest top-left corner of a kept sample
+    stride: Tensor   # (LP,) W + 2, a padded row
+    base: Tensor     # (LP,) padded row of pixel (0, 0) (level start + W + 3), in pixels
+    corners: Tensor  # (2, 2, LP) int64 row offsets of the corners (y0+i, x0+j), in rows of the (B*S'*M, D) table
+    Q: int           # queries per image
+    M: int           # heads
+    S_pad: int       # padded tokens per image
+
+def _padded_grid(hw: list[tuple[int, int]], Q: int, M: int, P: int, dtype: torch.dtype, device) -> _Grid:
+    "The `_Grid` of levels `hw` for Q queries, M heads and P points, in `dtype` on `device`."
+    W, H = (torch.tensor([s[i] for s in hw], dtype=dtype, device=device).repeat_interleave(P) for i in (1, 0))  # (LP,) each
+    sizes = [(h + 2) * (w + 2) for h, w in hw]
+    starts = torch.tensor([0] + sizes[:-1], dtype=dtype, device=device).cumsum(0).repeat_interleave(P)  # (LP,)
+    corners = torch.stack([torch.zeros_like(W), torch.ones_like(W), W + 2, W + 3]).long().view(2, 2, -1) * M  # (2, 2, LP)
+    wh = torch.stack([W, H], -1)  # (LP, 2)
+    return _Grid(wh, wh - 1, W + 2, starts + W + 3, corners, Q, M, sum(sizes))
+
+def _chunk_geometry(grid: _Grid, locs: Tensor, aw: Tensor, n0: int, n1: int) -> tuple[Tensor, ...]:
+    "Rows and corner weights (c, 2, 2, LP) of bags n0:n1, then fx, fy, kept attention a and the kept mask, (c, LP)."
+    c, LP = n1 - n0, aw.shape[1]
+    xy = torch.mul(locs[n0:n1], grid.wh).sub_(0.5)  # (c, LP, 2) pixel coordinates
+    inside = (xy > -1) & (xy < grid.wh)  # (c, LP, 2)
+    kept = inside[..., 0] & inside[..., 1]  # (c, LP) the official test
+    xy0 = xy.floor()  # (c, LP, 2)
+    fx, fy = xy.sub_(xy0).unbind(-1)  # (c, LP) each, the fractional parts
+    a = aw[n0:n1] * kept  # (c, LP) dropped samples weigh 0
+    xy0 = xy0.clamp_(min=-1).minimum(grid.wh_max)  # dropped samples: any corner inside the padded map will do
+    pixel = torch.addcmul(xy0[..., 0] + grid.base, xy0[..., 1], grid.stride).long()  # (c, LP) exact in float
+    bag = torch.arange(n0, n1, device=locs.device)  # (c,) bag = (b, q, m)
+    first = bag // (grid.Q * grid.M) * (grid.S_pad * grid.M) + bag % grid.M  # (c,) row of (b, padded pixel 0, m)
+    rows = (pixel * grid.M + first[:, None])[:, None, None] + grid.corners  # (c, 2, 2, LP)
+    omfx, wy0, wy1 = 1 - fx, a * (1 - fy), a * fy  # (c, LP) each
+    weights = torch.empty(c, 2, 2, LP, dtype=locs.dtype, device=locs.device)  # (c, 2, 2, LP)
+    torch.mul(wy0, omfx, out=weights[:, 0, 0]); torch.mul(wy0, fx, out=weights[:, 0, 1])
+    torch.mul(wy1, omfx, out=weights[:, 1, 0]); torch.mul(wy1, fx, out=weights[:, 1, 1])
+    return rows, weights, fx, fy, a, kept
+
+# %% ../../nbs/ops/12_msda.ipynb
+_CHUNK = 1 << 20  # gathered rows per chunk: (c, L*P*4) indices and weights of a few MB
 
 class _BilinearRowSum(torch.autograd.Function):
-    "out[n] = sum over samples s and corners c of weight(fx, fy, a)[n, s, c] * table[rows[n, s*4 + c]]."
+    "out[n] = sum over the L*P*4 corners k of bag n of weight[n, k] * table[rows[n, k]], chunk by chunk."
     @staticmethod
-    def forward(ctx, table: Tensor, rows: Tensor, fx: Tensor, fy: Tensor, a: Tensor) -> Tensor:
-        weights = _corner_weights(fx, fy, a)  # (N, LP*4)
-        ctx.save_for_backward(table, rows, fx, fy, a, weights)
-        return F.embedding_bag(rows, table, per_sample_weights=weights, mode="sum")  # (N, D)
+    def forward(ctx, table: Tensor, locs: Tensor, aw: Tensor, grid: _Grid) -> Tensor:
+        N, step = aw.shape[0], max(1, _CHUNK // (4 * aw.shape[1]))
+        out = table.new_empty(N, table.shape[1])  # (N, D)
+        for n0 in range(0, N, step):
+            n1 = min(N, n0 + step)
+            rows, weights = _chunk_geometry(grid, locs, aw, n0, n1)[:2]  # (c, 2, 2, LP) each
+            out[n0:n1] = F.embedding_bag(rows.view(n1 - n0, -1), table, per_sample_weights=weights.view(n1 - n0, -1),
+                                         mode="sum")
+        ctx.save_for_backward(table, locs, aw)
+        ctx.grid = grid
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        table, rows, fx, fy, a, weights = ctx.saved_tensors
+        table, locs, aw = ctx.saved_tensors
+        need_table, need_locs, need_aw = ctx.needs_input_grad[:3]
         grad_out = grad_out.contiguous()  # (N, D)
-        grad_table = _scatter_rows(grad_out, rows, weights, table.shape[0]) if ctx.needs_input_grad[0] else None
-        if not any(ctx.needs_input_grad[2:]): return grad_table, None, None, None, None
-        dots = _row_dots(grad_out, table, rows).view(*fx.shape, 2, 2)  # (N, LP, 2, 2): d[i, j] for corner (y0+i, x0+j)
-        d00, d01, d10, d11 = dots[..., 0, 0], dots[..., 0, 1], dots[..., 1, 0], dots[..., 1, 1]  # (N, LP) each
-        top, bottom = d00 + fx * (d01 - d00), d10 + fx * (d11 - d10)  # (N, LP) rows interpolated along x
-        grad_a = top + fy * (bottom - top)  # (N, LP)
-        grad_fx = a * ((1 - fy) * (d01 - d00) + fy * (d11 - d10))  # (N, LP)
-        grad_fy = a * (bottom - top)  # (N, LP)
-        return grad_table, None, grad_fx, grad_fy, grad_a
+        (N, D), (R, LP) = grad_out.shape, (table.shape[0], aw.shape[1])
+        by_channel = N * 4 * LP > R  # many entries per table row (the encoder): scatter into the transposed table
+        grad_table = grad_out.new_zeros((D, R) if by_channel else (R, D)) if need_table else None
+        grad_locs, grad_aw = torch.empty_like(locs), torch.empty_like(aw)  # (N, LP, 2), (N, LP)
+        step = max(1, _CHUNK // (4 * LP))
+        for n0 in range(0, N, step):
+            n1 = min(N, n0 + step)
+            rows, weights, fx, fy, a, kept = _chunk_geometry(ctx.grid, locs, aw, n0, n1)
+            rows, weights = rows.view(n1 - n0, -1), weights.view(n1 - n0, -1)  # (c, K)
+            if need_table: _scatter_rows(grad_table, grad_out[n0:n1], rows, weights, by_channel)
+            if not (need_locs or need_aw): continue
+            d00, d01, d10, d11 = _row_dots(grad_out[n0:n1], table, rows).view(n1 - n0, 4, -1).unbind(1)  # (c, LP) each
+            top, bottom = d00 + fx * (d01 - d00), d10 + fx * (d11 - d10)  # (c, LP) rows interpolated along x
+            torch.mul(top + fy * (bottom - top), kept, out=grad_aw[n0:n1])
+            torch.mul(a * ((1 - fy) * (d01 - d00) + fy * (d11 - d10)), ctx.grid.wh[:, 0], out=grad_locs[n0:n1, :, 0])
+            torch.mul(a * (bottom - top), ctx.grid.wh[:, 1], out=grad_locs[n0:n1, :, 1])
+        if need_table and by_channel: grad_table = grad_table.t().contiguous()  # (R, D)
+        return grad_table, grad_locs if need_locs else None, grad_aw if need_aw else None, None
 
-def _scatter_rows(grad_out: Tensor, rows: Tensor, weights: Tensor, n_rows: int) -> Tensor:
-    "grad_table[r] = sum over (n, k) with rows[n, k] == r of weights[n, k] * grad_out[n], one channel at a time."
-    N, D = grad_out.shape
-    grad_table = grad_out.new_zeros(D, n_rows)  # (D, R)
-    flat_rows, grad_t = rows.reshape(-1).long(), grad_out.t().contiguous()  # (N*K,), (D, N)
-    contrib = torch.empty_like(weights)  # (N, K)
-    for d in range(D):  # a 1-d scatter is a tight loop; a (N*K, D) scatter would expand its index D-fold
-        torch.mul(weights, grad_t[d, :, None], out=contrib)  # (N, K)
-        grad_table[d].scatter_add_(0, flat_rows, contrib.view(-1))
-    return grad_table.t().contiguous()  # (R, D)
+def _scatter_rows(grad_table: Tensor, grad_out: Tensor, rows: Tensor, weights: Tensor, by_channel: bool,
+                  block: int = 1 << 15) -> None:
+    "grad_table[rows[n, k]] += weights[n, k] * grad_out[n]: into (R, D), or `by_channel` into the transposed (D, R)."
+    (c, K), D = rows.shape, grad_out.shape[1]
+    if not by_channel:  # a few entries: one scatter of (D,)-rows (PyTorch sorts its index)
+        contrib = (weights[:, :, None] * grad_out[:, None]).view(-1, D)  # (c*K, D)
+        grad_table.scatter_add_(0, rows.view(-1, 1).expand(-1, D), contrib)
+        return
+    step, grad_t = max(1, block // K), grad_out.t().contiguous()  # (D, c)
+    for i in range(0, c, step):  # every channel in one scatter of single numbers, `block` entries at a time
+        contrib = grad_t[:, i:i + step, None] * weights[i:i + step]  # (D, s, K)
+        grad_table.scatter_add_(1, rows[i:i + step].reshape(1, -1).expand(D, -1), contrib.view(D, -1))
 
 def _row_dots(grad_out: Tensor, table: Tensor, rows: Tensor) -> Tensor:
     "dots[n, k] = <grad_out[n], table[rows[n, k]]>: (grad_out @ table.T) sampled where `rows` points."
@@ -130,50 +198,19 @@ def _row_dots_gathered(grad_out: Tensor, table: Tensor, rows: Tensor, chunk: int
     return dots.view(N, K)
 
 # %% ../../nbs/ops/12_msda.ipynb
-def _pad_levels(value: Tensor, hw: list[tuple[int, int]]) -> Tensor:
-    "value (B, S, M, D) with a zero border of one pixel around every level: (B, sum (H+2)*(W+2), M, D)."
-    B, S, M, D = value.shape
-    levels = value.split([h * w for h, w in hw], dim=1)
-    padded = [F.pad(v.reshape(B, h, w, M * D), (0, 0, 1, 1, 1, 1)).view(B, (h + 2) * (w + 2), M, D)
-              for v, (h, w) in zip(levels, hw)]  # (B, (H+2)*(W+2), M, D) each
-    return torch.cat(padded, dim=1)  # (B, S', M, D)
-
-def _sampling_geometry(hw: list[tuple[int, int]], sampling_locations: Tensor, attention_weights: Tensor
-                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    "Rows of the padded value viewed as (B*S'*M, D), (B*Q*M, L*P*4); fx, fy and kept attention, (B*Q*M, L*P) each."
-    B, Q, M, L, P, _ = sampling_locations.shape
-    dev, dtype = sampling_locations.device, sampling_locations.dtype
-    H, W = (torch.tensor([s[i] for s in hw], device=dev, dtype=dtype).view(L, 1) for i in (0, 1))  # (L, 1) each
-    x = sampling_locations[..., 0] * W - 0.5  # (B, Q, M, L, P) pixel coordinates
-    y = sampling_locations[..., 1] * H - 0.5  # (B, Q, M, L, P)
-    x0, y0 = x.detach().floor(), y.detach().floor()  # (B, Q, M, L, P)
-    fx, fy = x - x0, y - y0  # (B, Q, M, L, P) differentiable fractions
-    a = attention_weights * ((x > -1) & (x < W) & (y > -1) & (y < H))  # (B, Q, M, L, P) dropped samples weigh 0
-    S_pad = sum((h + 2) * (w + 2) for h, w in hw)
-    index = torch.int32 if B * S_pad * M < 2**31 else torch.int64  # halves the index memory in practice
-    x0 = x0.clamp(min=-1).minimum(W - 1)  # dropped samples: any valid corner will do
-    y0 = y0.clamp(min=-1).minimum(H - 1)
-    pix = ((y0 + 1) * (W + 2) + (x0 + 1)).to(index)  # (B, Q, M, L, P) top-left corner in the padded level
-    starts = torch.tensor([0] + [(h + 2) * (w + 2) for h, w in hw][:-1], device=dev, dtype=index).cumsum(0)  # (L,)
-    b = torch.arange(B, device=dev, dtype=index).view(B, 1, 1, 1, 1) * S_pad
-    m = torch.arange(M, device=dev, dtype=index).view(1, 1, M, 1, 1)
-    rows = (pix + b + starts.view(L, 1)) * M + m  # (B, Q, M, L, P)
-    corners = torch.tensor([[0, 1, w + 2, w + 3] for _, w in hw], device=dev, dtype=index).view(L, 1, 4) * M  # (L, 1, 4)
-    rows = (rows[..., None] + corners).view(B * Q * M, L * P * 4)  # (B*Q*M, L*P*4)
-    return rows, *(t.reshape(B * Q * M, L * P) for t in (fx, fy, a))
-
 def ms_deform_attn_gather(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
                           sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
     "Multi-scale deformable attention as a weighted sum of gathered rows: the CPU path (any device, no compiler)."
     B, S, M, D = value.shape
-    _, Q = sampling_locations.shape[:2]
+    _, Q, _, L, P, _ = sampling_locations.shape
     dtype = value.dtype
     if dtype not in (torch.float32, torch.float64):  # half types: compute in float32
         value, sampling_locations, attention_weights = (t.float() for t in (value, sampling_locations, attention_weights))
     hw = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
     padded = _pad_levels(value, hw)  # (B, S', M, D)
-    rows, fx, fy, a = _sampling_geometry(hw, sampling_locations, attention_weights)  # (B*Q*M, L*P*4), 3 x (B*Q*M, L*P)
-    out = _BilinearRowSum.apply(padded.view(-1, D), rows, fx, fy, a)  # (B*Q*M, D)
+    grid = _padded_grid(hw, Q, M, P, value.dtype, value.device)
+    out = _BilinearRowSum.apply(padded.view(-1, D), sampling_locations.reshape(B * Q * M, L * P, 2),
+                                attention_weights.reshape(B * Q * M, L * P), grid)  # (B*Q*M, D)
     return out.view(B, Q, M * D).to(dtype)
 
 # %% ../../nbs/ops/12_msda.ipynb
@@ -293,12 +330,14 @@ class MSDeformAttn(nn.Module):
         locations = self._sampling_locations(q, reference_points, spatial_shapes)  # (B, Q, M, L, P, 2)
         weights = self._attention_weights(q)  # (B, Q, M, L, P)
         out = ms_deform_attn(v, spatial_shapes, level_start_index, locations, weights, backend=self.backend)  # (B, Q, C)
-        return self.dropout(self.output_proj(out)) + identity
+        out = self.dropout(self.output_proj(out.view(-1, out.shape[-1])))  # (B*Q, C) no view: in place below is free
+        return out.add_(identity.reshape(out.shape)).view(identity.shape)  # (B, Q, C) neither op keeps its output
 
     def _project_value(self, value: Tensor, pad_mask: Tensor | None) -> Tensor:
         B, S, C = value.shape
         v = self.value_proj(value)  # (B, S, C)
-        if pad_mask is not None: v = v.masked_fill(pad_mask[..., None], 0.0)
+        if pad_mask is not None and (not pad_mask.is_cpu or bool(pad_mask.any())):  # no host sync on a GPU
+            v = v.masked_fill_(pad_mask[..., None], 0.0)  # in place: the projection does not keep its output
         return v.view(B, S, self.num_heads, C // self.num_heads)  # (B, S, M, D)
 
     def _attention_weights(self, q: Tensor) -> Tensor:
@@ -310,11 +349,14 @@ class MSDeformAttn(nn.Module):
     def _sampling_locations(self, q: Tensor, reference_points: Tensor, spatial_shapes: Tensor) -> Tensor:
         B, Q, _ = q.shape
         M, L, P = self.num_heads, self.num_levels, self.num_points
-        offsets = self.sampling_offsets(q).view(B, Q, M, L, P, 2)  # (B, Q, M, L, P, 2)
+        offsets = self.sampling_offsets(q.reshape(B * Q, -1))  # (B*Q, M*L*P*2) not a view, so in place is free
         ref = reference_points[:, :, None, :, None, :]  # (B, Q, 1, L, 1, 2 or 4)
-        if reference_points.shape[-1] == 2:
-            wh = spatial_shapes.flip(-1).to(offsets)  # (L, 2) as (W, H)
-            return ref + offsets / wh[None, None, None, :, None, :]  # (B, Q, M, L, P, 2)
+        if reference_points.shape[-1] == 2:  # broadcasts run along L*P*2, not along a last dimension of 2
+            wh = spatial_shapes.flip(-1).to(offsets)[None, :, None].expand(M, L, P, 2).reshape(-1)  # (M*L*P*2,) as (W, H)
+            ref = reference_points[:, :, None, :, None].expand(B, Q, 1, L, P, 2).reshape(B, Q, 1, -1)  # (B, Q, 1, L*P*2)
+            offsets = offsets.div_(wh).view(B, Q, M, -1)  # (B, Q, M, L*P*2) the projection keeps no output
+            return (offsets + ref).view(B, Q, M, L, P, 2)  # (B, Q, M, L, P, 2)
+        offsets = offsets.view(B, Q, M, L, P, 2)  # (B, Q, M, L, P, 2)
         if reference_points.shape[-1] == 4:
             return ref[..., :2] + offsets / P * ref[..., 2:] * 0.5  # (B, Q, M, L, P, 2)
         raise ValueError(f"MSDeformAttn: reference_points must end in 2 or 4, got {tuple(reference_points.shape)}")

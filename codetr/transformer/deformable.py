@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint
 
 from ..core.config import Config
 from ..ops.box_ops import inverse_sigmoid
@@ -18,8 +20,53 @@ from .position import (encoder_reference_points, gen_encoder_output_proposals, p
                                          sine_embed_dino, valid_ratios)
 
 # %% auto 0
-__all__ = ['DeformableEncoderLayer', 'DeformableDecoderLayer', 'DeformableEncoder', 'DeformableDecoder', 'TransformerOutput',
-           'flatten_feature_levels', 'TransformerConfig', 'DeformableTransformer', 'CoDeformableTransformer']
+__all__ = ['residual_ffn', 'DeformableEncoderLayer', 'DeformableDecoderLayer', 'DeformableEncoder', 'DeformableDecoder',
+           'TransformerOutput', 'flatten_feature_levels', 'TransformerConfig', 'DeformableTransformer',
+           'CoDeformableTransformer']
+
+# %% ../../nbs/transformer/41_deformable.ipynb
+_FFN_BLOCK = 2048  # tokens per block: a (2048, 2048) hidden block is 16 MB
+
+def residual_ffn(x: Tensor, # (..., C) tokens
+                 linear1: nn.Linear, linear2: nn.Linear, dropout1: nn.Dropout, dropout2: nn.Dropout) -> Tensor: # (..., C)
+    "x + dropout2(linear2(dropout1(relu(linear1(x))))): mmcv's FFN with its residual."
+    if any(d.training and d.p > 0 for d in (dropout1, dropout2)): return x + dropout2(linear2(dropout1(F.relu(linear1(x)))))
+    params = (linear1.weight, linear1.bias, linear2.weight, linear2.bias)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)): return _ResidualFFN.apply(x, *params)
+    return _ffn_blocks(x.reshape(-1, x.shape[-1]), *params)[0].view(x.shape)
+
+def _ffn_blocks(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, keep: bool = False) -> tuple[Tensor, Tensor | None]:
+    "x + linear2(relu(linear1(x))) for x (S, C), `_FFN_BLOCK` tokens at a time; with `keep`, also the (S, F) hidden layer."
+    out, kept = torch.empty_like(x), x.new_empty(x.shape[0], w1.shape[0]) if keep else None  # (S, C), (S, F)
+    for block in (slice(i, i + _FFN_BLOCK) for i in range(0, x.shape[0], _FFN_BLOCK)):
+        hidden = torch.addmm(b1, x[block], w1.t(), out=kept[block] if keep else None).relu_()  # (s, F)
+        torch.addmm(b2, hidden, w2.t(), out=out[block])
+    return out.add_(x), kept
+
+class _ResidualFFN(torch.autograd.Function):
+    "x + linear2(relu(linear1(x))) keeping x and the hidden layer; the backward runs in token blocks too."
+    @staticmethod
+    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
+        xf = x.reshape(-1, x.shape[-1])  # (S, C)
+        out, hidden = _ffn_blocks(xf, w1, b1, w2, b2, keep=True)  # (S, C), (S, F)
+        ctx.save_for_backward(xf, hidden, w1, w2)
+        return out.view(x.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        xf, hidden, w1, w2 = ctx.saved_tensors
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
+        g = grad.reshape(-1, grad.shape[-1])  # (S, C)
+        grad_x, grad_w1, grad_b1 = torch.empty_like(xf), torch.zeros_like(w1), w1.new_zeros(w1.shape[0])  # (S, C), (F, C), (F,)
+        for block in (slice(i, i + _FFN_BLOCK) for i in range(0, g.shape[0], _FFN_BLOCK)):
+            grad_hidden = g[block] @ w2  # (s, F)
+            torch.ops.aten.threshold_backward.grad_input(grad_hidden, hidden[block], 0, grad_input=grad_hidden)  # ReLU
+            if need_w1: grad_w1.addmm_(grad_hidden.t(), xf[block])
+            if need_b1: grad_b1 += grad_hidden.sum(0)
+            if need_x: torch.addmm(g[block], grad_hidden, w1, out=grad_x[block])  # the residual plus linear1's input
+        return (grad_x.view(grad.shape) if need_x else None, grad_w1 if need_w1 else None, grad_b1 if need_b1 else None,
+                g.t() @ hidden if need_w2 else None, g.sum(0) if need_b2 else None)
 
 # %% ../../nbs/transformer/41_deformable.ipynb
 class DeformableEncoderLayer(nn.Module):
@@ -33,10 +80,6 @@ class DeformableEncoderLayer(nn.Module):
         self.dropout1, self.dropout2 = nn.Dropout(dropout), nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(embed_dims)
 
-    def ffn(self, x: Tensor) -> Tensor:
-        "x + FFN(x), mmcv's FFN with its two dropouts."
-        return x + self.dropout2(self.linear2(self.dropout1(F.relu(self.linear1(x)))))
-
     def forward(self,
                 src: Tensor,                # (B, S, C) tokens of all levels
                 pos: Tensor,                # (B, S, C) positional + level encoding
@@ -47,7 +90,7 @@ class DeformableEncoderLayer(nn.Module):
                ) -> Tensor:                 # (B, S, C)
         src = self.norm1(self.self_attn(src, reference_points, src, spatial_shapes, level_start_index,
                                          pad_mask=pad_mask, query_pos=pos))  # (B, S, C)
-        return self.norm2(self.ffn(src))  # (B, S, C)
+        return self.norm2(residual_ffn(src, self.linear1, self.linear2, self.dropout1, self.dropout2))  # (B, S, C)
 
 # %% ../../nbs/transformer/41_deformable.ipynb
 class DeformableDecoderLayer(nn.Module):
@@ -64,10 +107,6 @@ class DeformableDecoderLayer(nn.Module):
         self.dropout1, self.dropout2 = nn.Dropout(dropout), nn.Dropout(dropout)
         self.norm3 = nn.LayerNorm(embed_dims)
 
-    def ffn(self, x: Tensor) -> Tensor:
-        "x + FFN(x), mmcv's FFN with its two dropouts."
-        return x + self.dropout2(self.linear2(self.dropout1(F.relu(self.linear1(x)))))
-
     def forward(self,
                 query: Tensor,              # (B, Q, C) content queries
                 query_pos: Tensor,          # (B, Q, C) positional queries
@@ -83,14 +122,14 @@ class DeformableDecoderLayer(nn.Module):
         query = self.norm1(query + self.dropout_sa(attn))  # (B, Q, C)
         query = self.norm2(self.cross_attn(query, reference_points, memory, spatial_shapes, level_start_index,
                                            pad_mask=memory_pad_mask, query_pos=query_pos))  # (B, Q, C)
-        return self.norm3(self.ffn(query))  # (B, Q, C)
+        return self.norm3(residual_ffn(query, self.linear1, self.linear2, self.dropout1, self.dropout2))  # (B, Q, C)
 
 # %% ../../nbs/transformer/41_deformable.ipynb
 class DeformableEncoder(nn.Module):
-    "A stack of post-norm deformable encoder layers."
-    def __init__(self, num_layers: int = 6, **layer_kwargs):
+    "A stack of post-norm deformable encoder layers; the first `with_cp` are checkpointed in training."
+    def __init__(self, num_layers: int = 6, with_cp: int = 0, **layer_kwargs):
         super().__init__()
-        self.layers = nn.ModuleList([DeformableEncoderLayer(**layer_kwargs) for _ in range(num_layers)])
+        self.layers, self.with_cp = nn.ModuleList([DeformableEncoderLayer(**layer_kwargs) for _ in range(num_layers)]), with_cp
 
     def forward(self,
                 src: Tensor,                # (B, S, C) flattened multi-scale features
@@ -101,8 +140,10 @@ class DeformableEncoder(nn.Module):
                 pad_mask: Tensor | None,    # (B, S) True = padding
                ) -> Tensor:                 # (B, S, C) memory
         reference_points = encoder_reference_points(spatial_shapes, valid_ratios).to(src.dtype)  # (B, S, L, 2)
-        for layer in self.layers:
-            src = layer(src, pos, reference_points, spatial_shapes, level_start_index, pad_mask)  # (B, S, C)
+        with_cp = self.with_cp if self.training and torch.is_grad_enabled() else 0  # checkpoint in training only
+        for i, layer in enumerate(self.layers):
+            args = (src, pos, reference_points, spatial_shapes, level_start_index, pad_mask)
+            src = checkpoint(layer, *args, use_reentrant=False) if i < with_cp else layer(*args)  # (B, S, C)
         return src
 
 class DeformableDecoder(nn.Module):
@@ -194,10 +235,13 @@ class TransformerConfig(Config):
     num_decoder_layers: int = 6
     ffn_dims: int = 2048
     dropout: float = 0.0
+    with_cp: int = 0                            # the first with_cp encoder layers recompute their forward in the backward
 
     def __post_init__(self):
         if self.embed_dims % self.num_heads:
             raise ValueError(f"TransformerConfig: embed_dims={self.embed_dims} is not divisible by num_heads={self.num_heads}")
+        if not 0 <= self.with_cp <= self.num_encoder_layers: raise ValueError(
+            f"TransformerConfig: with_cp={self.with_cp} must be in [0, num_encoder_layers={self.num_encoder_layers}]")
 
     @property
     def layer_kwargs(self) -> dict:
@@ -228,7 +272,7 @@ class DeformableTransformer(nn.Module):
         super().__init__()
         C, kw = cfg.embed_dims, cfg.layer_kwargs
         self.embed_dims, self.num_levels = C, cfg.num_levels
-        self.encoder = DeformableEncoder(cfg.num_encoder_layers, **kw)
+        self.encoder = DeformableEncoder(cfg.num_encoder_layers, cfg.with_cp, **kw)
         self.decoder = DeformableDecoder(cfg.num_decoder_layers, query_pos_from_refs, final_norm, ref_eps, **kw)
         self.level_embeds = nn.Parameter(torch.empty(cfg.num_levels, C))
         self.enc_output = nn.Linear(C, C)

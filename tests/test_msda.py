@@ -100,6 +100,34 @@ def test_gather_equals_reference_property(B, Q, M, D, P, hw, seed):
     torch.testing.assert_close(ms_deform_attn_gather(*inputs), ms_deform_attn_reference(*inputs), rtol=0, atol=1e-12)
 
 
+
+@pytest.mark.parametrize("chunk", [1, 37, 1 << 20])
+@pytest.mark.parametrize("Q,hw", [(6, ((4, 6), (3, 2), (1, 1))), (1, ((20, 30), (9, 7)))])
+def test_gather_chunks_and_scatter_layouts_agree_with_reference(monkeypatch, chunk, Q, hw):
+    "Any chunk size (down to one bag per chunk), and both layouts of the value gradient (many entries per table row,"
+    " then few), give the reference's values and gradients."
+    import codetr.ops.msda as msda
+    monkeypatch.setattr(msda, "_CHUNK", chunk)
+    inputs = make_inputs(B=2, Q=Q, M=2, D=5, P=3, hw=hw, seed=chunk)
+    grad_out = torch.randn(2, Q, 10, dtype=torch.float64)
+    ours = value_and_grads(ms_deform_attn_gather, *inputs, grad_out)
+    ref = value_and_grads(ms_deform_attn_reference, *inputs, grad_out)
+    for name, a, b in zip(("out", "value", "locations", "weights"), ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("by_channel,block", [(True, 1), (True, 7), (True, 1 << 15), (False, 1 << 15)])
+def test_scatter_rows_equals_index_add(by_channel, block):
+    from codetr.ops.msda import _scatter_rows
+    g = torch.Generator().manual_seed(block)
+    rows, weights = torch.randint(0, 9, (5, 4), generator=g), torch.rand(5, 4, generator=g, dtype=torch.float64)
+    grad_out = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    expected = torch.zeros(9, 3, dtype=torch.float64).index_add_(0, rows.flatten(), (weights[..., None] * grad_out[:, None]).view(-1, 3))
+    table = torch.zeros(3, 9, dtype=torch.float64) if by_channel else torch.zeros(9, 3, dtype=torch.float64)
+    _scatter_rows(table, grad_out, rows, weights, by_channel, block=block)
+    torch.testing.assert_close(table.t() if by_channel else table, expected, rtol=0, atol=1e-14)
+
+
 def test_batched_equals_one_by_one():
     value, shapes, starts, locs, weights = make_inputs(B=3, Q=7)
     batched = ms_deform_attn_gather(value, shapes, starts, locs, weights)
@@ -227,6 +255,33 @@ def test_module_padding_is_ignored_and_backends_agree():
     torch.testing.assert_close(attn(query, ref, changed, shapes, starts, pad_mask=pad), out)
     attn.backend = "reference"
     torch.testing.assert_close(attn(query, ref, memory, shapes, starts, pad_mask=pad), out, rtol=1e-5, atol=1e-6)
+
+
+
+def test_module_gradients_match_the_reference_backend():
+    "The module's in-place steps (offset scaling, residual) leave autograd's gradients those of the reference path."
+    grads = {}
+    for backend in ("cpu", "reference"):
+        torch.manual_seed(0)
+        attn, query, memory, shapes, starts = small_setup()
+        attn.double().backend = backend
+        query, memory = query.double().requires_grad_(), memory.double().requires_grad_()
+        pos = torch.randn_like(query)
+        for ref in (torch.rand(2, 5, 2, 2, dtype=torch.float64), torch.rand(2, 5, 2, 4, dtype=torch.float64)):
+            out = attn(query, ref, memory, shapes, starts, query_pos=pos)
+            leaves = [query, memory, *attn.parameters()]
+            grads.setdefault(backend, []).append((out.detach(), *torch.autograd.grad(out.square().sum(), leaves)))
+    for ours, ref in zip(grads["cpu"], grads["reference"]):
+        for a, b in zip(ours, ref): torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_module_all_false_pad_mask_equals_no_mask():
+    torch.manual_seed(0)
+    attn, query, memory, shapes, starts = small_setup()
+    ref = torch.rand(2, 5, 2, 2)
+    no_pad = torch.zeros(2, memory.shape[1], dtype=torch.bool)
+    torch.testing.assert_close(attn(query, ref, memory, shapes, starts, pad_mask=no_pad), attn(query, ref, memory, shapes, starts),
+                               rtol=0, atol=0)
 
 
 def test_module_identity_dropout_and_gradients():

@@ -299,3 +299,91 @@ def test_self_attention_mask_separates_query_groups():
     torch.testing.assert_close(full_refs[:, :, 3:], alone_refs, rtol=1e-5, atol=1e-5)
     unmasked, _ = dec(query, None, ref, memory, shapes, starts, ratios, None, regs)
     assert (unmasked[:, :, 3:] - alone).abs().max() > 1e-3  # without the mask the groups do see each other
+
+
+# ------------------------------------------------------------------ the feed-forward block and activation checkpointing
+
+def ffn_parts(c=8, f=16, p=0.0):
+    torch.manual_seed(5)
+    return nn.Linear(c, f).double(), nn.Linear(f, c).double(), nn.Dropout(p), nn.Dropout(p)
+
+
+@pytest.mark.parametrize("block", [3, 2048])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_residual_ffn_equals_the_plain_composition(monkeypatch, block, frozen):
+    "Values and gradients of x + linear2(relu(linear1(x))), in token blocks of any size, with or without weight gradients."
+    import codetr.transformer.deformable as deformable
+    monkeypatch.setattr(deformable, "_FFN_BLOCK", block)
+    lin1, lin2, d1, d2 = ffn_parts()
+    for p in (*lin1.parameters(), *lin2.parameters()): p.requires_grad_(not frozen)
+    x = torch.randn(2, 7, 8, dtype=torch.float64, requires_grad=True)
+    x.data[0, 0] = 0.0  # a token whose hidden units sit at the ReLU's kink for a zero bias: both paths must agree there too
+    leaves = [x] + ([] if frozen else [*lin1.parameters(), *lin2.parameters()])
+    ours = deformable.residual_ffn(x, lin1, lin2, d1, d2)
+    plain = x + lin2(torch.relu(lin1(x)))
+    torch.testing.assert_close(ours, plain, rtol=0, atol=1e-14)
+    g = torch.randn_like(plain)
+    for a, b in zip(torch.autograd.grad(ours, leaves, g), torch.autograd.grad(plain, leaves, g)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(deformable.residual_ffn(x, lin1, lin2, d1, d2), plain.detach(), rtol=0, atol=1e-14)
+
+
+def test_residual_ffn_with_active_dropout_is_mmcvs_ffn():
+    from codetr.transformer.deformable import residual_ffn
+    lin1, lin2, d1, d2 = ffn_parts(p=0.5)
+    x = torch.randn(2, 7, 8, dtype=torch.float64)
+    torch.manual_seed(9)
+    ours = residual_ffn(x, lin1, lin2, d1, d2)
+    torch.manual_seed(9)
+    torch.testing.assert_close(ours, x + d2(lin2(d1(torch.relu(lin1(x))))), rtol=0, atol=0)
+    d1.eval(), d2.eval()
+    torch.testing.assert_close(residual_ffn(x, lin1, lin2, d1, d2), x + lin2(torch.relu(lin1(x))), rtol=0, atol=1e-14)
+
+
+def encoder_pass(with_cp, train=True, grad=True):
+    "Memory, gradients (features, positions, encoder parameters) and forward calls per encoder layer of a small float64 transformer."
+    from codetr.transformer.deformable import DeformableTransformer, TransformerConfig
+    torch.manual_seed(0)
+    tr = DeformableTransformer(TransformerConfig(C, M, L, P, num_encoder_layers=3, num_decoder_layers=1, ffn_dims=64,
+                                                 with_cp=with_cp)).double().train(train)
+    tr.init_weights()
+    calls = [0] * len(tr.encoder.layers)
+    for i, layer in enumerate(tr.encoder.layers):
+        layer.register_forward_pre_hook(lambda m, args, i=i: calls.__setitem__(i, calls[i] + 1))
+    feats, masks, pos = inputs()
+    feats = [f.double().requires_grad_() for f in feats]
+    pos = [p.double().requires_grad_() for p in pos]
+    with torch.set_grad_enabled(grad):
+        memory = tr.encode(feats, masks, pos)[0]
+    if not grad: return memory, None, calls
+    grads = torch.autograd.grad(memory.square().sum(), [*feats, *pos, *tr.encoder.parameters()])
+    return memory.detach(), grads, calls
+
+
+@pytest.mark.parametrize("with_cp", [1, 3])
+def test_with_cp_gives_the_same_gradients(with_cp):
+    memory0, grads0, calls0 = encoder_pass(0)
+    memory, grads, calls = encoder_pass(with_cp)
+    torch.testing.assert_close(memory, memory0, rtol=0, atol=0)
+    for a, b in zip(grads, grads0): torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert calls0 == [1, 1, 1]
+    assert calls == [2] * with_cp + [1] * (3 - with_cp)  # the checkpointed layers ran again in the backward
+
+
+def test_with_cp_is_off_in_evaluation_and_without_gradients():
+    assert encoder_pass(3, train=False)[2] == [1, 1, 1]
+    assert encoder_pass(3, train=True, grad=False)[2] == [1, 1, 1]
+    torch.testing.assert_close(encoder_pass(3, train=False)[0], encoder_pass(0, train=False)[0], rtol=0, atol=0)
+
+
+def test_with_cp_config_checks_and_round_trips():
+    from codetr.core.config import config_from_dict, config_to_dict
+    from codetr.transformer.deformable import TransformerConfig
+    cfg = TransformerConfig(num_levels=5, with_cp=4)
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+    stored = config_to_dict(TransformerConfig(num_levels=5))
+    del stored["with_cp"]  # a config stored before the field existed
+    assert config_from_dict(stored).with_cp == 0
+    with pytest.raises(ValueError, match="with_cp"): TransformerConfig(num_encoder_layers=6, with_cp=7)
+    with pytest.raises(ValueError, match="with_cp"): TransformerConfig(with_cp=-1)

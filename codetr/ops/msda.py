@@ -78,6 +78,18 @@ def _pad_levels(value: Tensor, hw: list[tuple[int, int]]) -> Tensor:
         start += (h + 2) * (w + 2)
     return padded
 
+def _unpad_levels(grad_table: Tensor, hw: list[tuple[int, int]], B: int, M: int, by_channel: bool) -> Tensor:
+    "The gradient of `_pad_levels` from the table's, (B*S'*M, D) or `by_channel` (D, B*S'*M): (B, S, M, D)."
+    D = grad_table.shape[0 if by_channel else 1]
+    grad = grad_table.view(D, B, -1, M).permute(1, 2, 3, 0) if by_channel else grad_table.view(B, -1, M, D)  # (B, S', M, D)
+    out = grad.new_empty(B, sum(h * w for h, w in hw), M, D)  # (B, S, M, D)
+    start = stop = 0
+    for h, w in hw:  # one copy per level, which also transposes a `by_channel` gradient
+        level = grad[:, start:start + (h + 2) * (w + 2)].unflatten(1, (h + 2, w + 2))  # (B, H+2, W+2, M, D)
+        out[:, stop:stop + h * w].unflatten(1, (h, w)).copy_(level[:, 1:-1, 1:-1])
+        start, stop = start + (h + 2) * (w + 2), stop + h * w
+    return out
+
 class _Grid(NamedTuple):
     "Constants of the padded table, one entry per (level, point) so that every broadcast runs along L*P."
     wh: Tensor       # (LP, 2) level width and height
@@ -124,7 +136,8 @@ _CHUNK = 1 << 20  # gathered rows per chunk: (c, L*P*4) indices and weights of a
 class _BilinearRowSum(torch.autograd.Function):
     "out[n] = sum over the L*P*4 corners k of bag n of weight[n, k] * table[rows[n, k]], chunk by chunk."
     @staticmethod
-    def forward(ctx, table: Tensor, locs: Tensor, aw: Tensor, grid: _Grid) -> Tensor:
+    def forward(ctx, value: Tensor, locs: Tensor, aw: Tensor, grid: _Grid, hw: list[tuple[int, int]]) -> Tensor:
+        table = _pad_levels(value, hw).view(-1, value.shape[-1])  # (B*S'*M, D)
         N, step = aw.shape[0], max(1, _CHUNK // (4 * aw.shape[1]))
         out = table.new_empty(N, table.shape[1])  # (N, D)
         for n0 in range(0, N, step):
@@ -133,14 +146,14 @@ class _BilinearRowSum(torch.autograd.Function):
             out[n0:n1] = F.embedding_bag(rows.view(n1 - n0, -1), table, per_sample_weights=weights.view(n1 - n0, -1),
                                          mode="sum")
         ctx.save_for_backward(table, locs, aw)
-        ctx.grid = grid
+        ctx.grid, ctx.hw, ctx.B = grid, hw, value.shape[0]
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
         table, locs, aw = ctx.saved_tensors
-        need_table, need_locs, need_aw = ctx.needs_input_grad[:3]
+        need_table, need_locs, need_aw = ctx.needs_input_grad[:3]  # need_table: the value's gradient
         grad_out = grad_out.contiguous()  # (N, D)
         (N, D), (R, LP) = grad_out.shape, (table.shape[0], aw.shape[1])
         by_channel = N * 4 * LP > R  # many entries per table row (the encoder): scatter into the transposed table
@@ -158,8 +171,8 @@ class _BilinearRowSum(torch.autograd.Function):
             torch.mul(top + fy * (bottom - top), kept, out=grad_aw[n0:n1])
             torch.mul(a * ((1 - fy) * (d01 - d00) + fy * (d11 - d10)), ctx.grid.wh[:, 0], out=grad_locs[n0:n1, :, 0])
             torch.mul(a * (bottom - top), ctx.grid.wh[:, 1], out=grad_locs[n0:n1, :, 1])
-        if need_table and by_channel: grad_table = grad_table.t().contiguous()  # (R, D)
-        return grad_table, grad_locs if need_locs else None, grad_aw if need_aw else None, None
+        grad_value = _unpad_levels(grad_table, ctx.hw, ctx.B, ctx.grid.M, by_channel) if need_table else None  # (B, S, M, D)
+        return grad_value, grad_locs if need_locs else None, grad_aw if need_aw else None, None, None
 
 def _scatter_rows(grad_table: Tensor, grad_out: Tensor, rows: Tensor, weights: Tensor, by_channel: bool,
                   block: int = 1 << 15) -> None:
@@ -207,10 +220,9 @@ def ms_deform_attn_gather(value: Tensor, spatial_shapes: Tensor, level_start_ind
     if dtype not in (torch.float32, torch.float64):  # half types: compute in float32
         value, sampling_locations, attention_weights = (t.float() for t in (value, sampling_locations, attention_weights))
     hw = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
-    padded = _pad_levels(value, hw)  # (B, S', M, D)
     grid = _padded_grid(hw, Q, M, P, value.dtype, value.device)
-    out = _BilinearRowSum.apply(padded.view(-1, D), sampling_locations.reshape(B * Q * M, L * P, 2),
-                                attention_weights.reshape(B * Q * M, L * P), grid)  # (B*Q*M, D)
+    out = _BilinearRowSum.apply(value, sampling_locations.reshape(B * Q * M, L * P, 2),
+                                attention_weights.reshape(B * Q * M, L * P), grid, hw)  # (B*Q*M, D)
     return out.view(B, Q, M * D).to(dtype)
 
 # %% ../../nbs/ops/12_msda.ipynb

@@ -132,3 +132,10 @@ def test_fine_tuning_co_dino_on_another_class_count(tmp_path, capsys):
 def test_unknown_preset_suggests_the_closest():
     with pytest.raises(ValueError, match="did you mean 'co_dino_5scale_r50_1x_coco'"):
         get_preset("co_dino_5scale_r50_coco")
+
+
+def test_presets_checkpoint_the_encoder_layers_the_official_configs_do():
+    "Spec 1.2: with_cp=4 in the 6-layer encoder, all 9 layers in the 9-encoder model; the small CPU presets keep everything."
+    want = {"co_dino_5scale_r50_1x_coco": 4, "co_dino_5scale_r50_lsj_1x_coco": 4, "dino_5scale_r50_1x_coco": 4,
+            "co_dino_5scale_9encoder_r50_1x_coco": 9, "co_dino_tiny": 0, "dino_tiny": 0}
+    assert {name: get_preset(name).query_head.transformer.with_cp for name in want} == want

@@ -170,6 +170,56 @@ def test_image_without_boxes(env):
     assert len(fig.axes) == len(a.panels) and all(len(ax.patches) == 0 for ax in fig.axes)
 
 
+@pytest.fixture(scope="module")
+def dino_env(explorer_env):
+    from dataclasses import replace
+    model, cfg = explorer_model(preset="co_dino_tiny", seed=0)
+    cfg = replace(cfg, aug=cfg.aug.scaled(0.5))
+    synth = explorer_env["synth"]
+    return dict(model=model, cfg=cfg, ds=open_dataset(synth.val_images, synth.val_json, aug=cfg.aug),
+                empty=open_dataset(synth.val_images, explorer_env["work"] / "empty.json", aug=cfg.aug))
+
+
+def test_denoising_panels_are_the_training_step_queries(env, dino_env):
+    "Oracle: the head's own training forward on the same image and generator seed builds the same noised boxes."
+    from codetr.data.coco import collate
+    model, ds = dino_env["model"], dino_env["ds"]
+    a = head_assignments(model, ds, 1, seed=3)
+    assert tuple(a.panels)[:3] == ("detr", "dn_positive", "dn_negative") and "queries_atss" in a.panels
+    batch = collate([ds[1]])
+    pad_mask, sizes = model.mask_and_sizes(batch.pad_mask, [tuple(batch.targets[0]["img_size"])])
+    model.train()
+    try:
+        with torch.no_grad():
+            out = model.query_head(model.features(batch.images), pad_mask, batch.targets, sizes,
+                                   generator=torch.Generator().manual_seed(3))
+    finally: model.eval()
+    dn, (h, w), g = out.dn, sizes[0], len(a.gt_labels)
+    groups = model.query_head.num_dn_queries // g  # dynamic groups
+    assert dn.layout.num_groups == groups and a.counts()["dn_positive"] == a.counts()["dn_negative"] == groups * g
+    scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+    for key, shift in (("dn_positive", 0), ("dn_negative", g)):
+        slots = torch.arange(groups)[:, None] * 2 * g + shift + torch.arange(g)[None]  # (groups, g) by hand
+        p = a.panels[key]
+        torch.testing.assert_close(p.boxes_xyxy, box_cxcywh_to_xyxy(dn.boxes_cxcywh[0, slots.flatten()]) * scale,
+                                   rtol=0, atol=1e-3)
+        assert torch.equal(p.labels, dn.labels[0, slots.flatten()])
+        assert torch.equal(p.gt_index, torch.arange(g).repeat(groups))
+        # the noise rule: positives move every corner by less than half a side, negatives by half to one side
+        gt = a.gt_boxes_xyxy[p.gt_index]
+        half = (gt[:, 2:] - gt[:, :2]).repeat(1, 2) / 2
+        moved = (p.boxes_xyxy - gt).abs()
+        clipped = (p.boxes_xyxy <= 1e-3) | (p.boxes_xyxy >= scale - 1e-3)
+        if key == "dn_positive": assert (moved <= half + 1e-3).all()
+        else: assert ((moved >= half - 1e-3) | clipped).all() and (moved <= 2 * half + 1e-3).all()
+
+
+def test_no_denoising_panels_without_boxes_or_denoising(asg, dino_env):
+    assert not any(k.startswith("dn_") for k in asg[0].panels)  # Co-Deformable-DETR has no denoising queries
+    a = head_assignments(dino_env["model"], dino_env["empty"], 0)
+    assert len(a.gt_labels) == 0 and not any(k.startswith("dn_") for k in a.panels)
+
+
 def test_show_assignments_draws_each_panel(asg):
     a = asg[1]
     fig = show_assignments(a, ["atss", "detr"])

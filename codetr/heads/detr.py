@@ -280,6 +280,11 @@ class DETRHead(nn.Module):
         return HeadPositives(f"positive queries from auxiliary head {aux.head_index}", boxes, aux.labels[0, :n], gt_idx,
                              f"{n} positives of {aux.coords_cxcywh.shape[1]} rows (the rest are negatives or padding)")
 
+    def explain_training_queries(self, gt_labels: Tensor, gt_xyxy: Tensor, img_hw: tuple[int, int],
+                                 generator: torch.Generator | None = None) -> dict[str, HeadPositives]:
+        "Queries a head adds in training from one image's boxes, by panel name (none here; Co-DINO: denoising)."
+        return {}
+
 # %% ../../nbs/heads/52_detr.ipynb
 class CoDeformDETRHead(DETRHead):
     "Co-Deformable-DETR's query head: `CoDeformableTransformer`, learned content queries, the DETR head's losses."

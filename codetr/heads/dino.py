@@ -12,12 +12,12 @@ import torch
 from torch import Tensor, nn
 
 from ..core.dist import reduce_mean
-from .base import QueryHeadConfig, check_targets
+from .base import HeadPositives, QueryHeadConfig, check_targets
 from .denoising import denoising_queries, denoising_targets
 from .detr import (DETRHead, DETRHeadOutput, PositiveQueryConfig, box_losses, gt_cxcywh, keyed,
                                topk_detections)
 from .positive_queries import AuxQueries
-from ..ops.box_ops import box_cxcywh_to_xyxy, box_iou_aligned
+from ..ops.box_ops import box_cxcywh_to_xyxy, box_iou_aligned, box_xyxy_to_cxcywh, whwh
 from ..ops.losses import quality_focal_loss
 from ..ops.nms import batched_soft_nms
 from ..transformer.dino import CoDINOTransformer
@@ -148,6 +148,28 @@ class CoDINOHead(DETRHead):
             boxes, scores, keep = batched_soft_nms(det["boxes"], det["scores"], det["labels"], self.nms_iou)
             out.append({"boxes": boxes[:keep_n], "scores": scores[:keep_n], "labels": det["labels"][keep][:keep_n]})
         return out
+
+    @torch.no_grad()
+    def explain_training_queries(self, gt_labels: Tensor, gt_xyxy: Tensor, img_hw: tuple[int, int],
+                                 generator: torch.Generator | None = None) -> dict[str, HeadPositives]:
+        "One image's denoising queries at their noised boxes: the positive halves and the negative halves of all groups."
+        n = len(gt_labels)
+        if n == 0: return {}
+        factors = whwh([img_hw], gt_xyxy.float())[0]  # (4,)
+        dn = denoising_queries([gt_labels], [box_xyxy_to_cxcywh(gt_xyxy / factors)], self.label_embedding,
+                               self.num_queries, self.num_dn_queries, self.label_noise, self.box_noise, generator)
+        lay, copied = dn.layout, gt_labels.repeat(dn.layout.num_groups)  # (G * n,) the class each copy started from
+        panels = {}
+        for key, shift, learns in (("dn_positive", 0, "each learns its box and class"),
+                                   ("dn_negative", lay.max_gts, "each learns background")):
+            slots = (lay.positive_slots(n) + shift).to(dn.labels.device)  # (G * n,)
+            labels = dn.labels[0, slots]
+            flipped = int((labels != copied).sum())
+            panels[key] = HeadPositives(f"denoising: {key[3:]} halves ({lay.num_groups} groups)",
+                                        box_cxcywh_to_xyxy(dn.boxes_cxcywh[0, slots]) * factors, labels,
+                                        torch.arange(n, device=labels.device).repeat(lay.num_groups),
+                                        f"{flipped} labels noised; {learns}")
+        return panels
 
 # %% ../../nbs/heads/57_dino.ipynb
 @dataclass(frozen=True)

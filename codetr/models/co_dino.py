@@ -30,7 +30,7 @@ def co_dino_5scale_r50_1x_coco(num_classes: int = 80) -> CoDETRConfig:
         name="co_dino_5scale_r50_1x_coco", num_classes=num_classes,
         backbone=ResNetConfig(depth=50, out_indices=(0, 1, 2, 3)),
         neck=ChannelMapperConfig(num_outs=5),
-        query_head=CoDINOHeadConfig(),
+        query_head=CoDINOHeadConfig(transformer=TransformerConfig(num_levels=5, with_cp=4)),
         aux_heads=(RPNRoIHeadConfig(roi=RoIConfig(finest_scale=56)), ATSSHeadConfig()),
         optim=OptimConfig(lr_mult=(("backbone", 0.1),)))
 
@@ -38,7 +38,8 @@ def co_dino_5scale_9encoder_r50_1x_coco(num_classes: int = 80) -> CoDETRConfig:
     "Co-DINO R50 with 9 encoder layers."
     cfg = co_dino_5scale_r50_1x_coco(num_classes)
     return replace(cfg, name="co_dino_5scale_9encoder_r50_1x_coco",
-                   query_head=replace(cfg.query_head, transformer=replace(cfg.query_head.transformer, num_encoder_layers=9)))
+                   query_head=replace(cfg.query_head, transformer=replace(cfg.query_head.transformer, num_encoder_layers=9,
+                                                                                  with_cp=9)))
 
 def co_dino_5scale_r50_lsj_1x_coco(num_classes: int = 80) -> CoDETRConfig:
     "Co-DINO 5-scale R50 with large-scale jitter at 1024 x 1024 and no padding mask (52.1 box AP in 12 epochs)."

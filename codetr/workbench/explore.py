@@ -126,7 +126,8 @@ class Assignments:
     image: np.ndarray         # (h, w, 3) uint8, the resized input
     gt_boxes_xyxy: Tensor     # (G, 4) resized-image pixels
     gt_labels: Tensor         # (G,)
-    panels: dict[str, Panel]  # "detr", then each auxiliary head's stages ("rpn", "roi", "atss"), then "queries_<head>"
+    panels: dict[str, Panel]  # "detr", the query head's training queries ("dn_positive", "dn_negative" for Co-DINO),
+                              # each auxiliary head's stages ("rpn", "roi", "atss"), then "queries_<head>"
     featmap_sizes: list[tuple[int, int]] = field(default_factory=list) # (H_l, W_l) of the auxiliary heads' pyramid
 
     def counts(self) -> dict[str, int]: return {k: len(p.labels) for k, p in self.panels.items()}
@@ -147,6 +148,9 @@ def head_assignments(model: CoDETR, dataset: CocoDetection, index: int, seed: in
         pad_hw = tuple(batch.images.shape[-2:])
         outputs = model.query_outputs(batch.images, pad_mask)
         panels = {"detr": model.query_head.explain_matches(outputs, tg["labels"], tg["boxes"], img_sizes[0])}
+        training_queries = getattr(model.query_head, "explain_training_queries", None)
+        if training_queries is not None:  # e.g. Co-DINO's denoising groups
+            panels |= training_queries(tg["labels"], tg["boxes"], img_sizes[0], torch.Generator().manual_seed(seed))
         pyramid = model.pyramid(outputs) if len(model.aux_heads) else []
         queries = {}
         for head in model.aux_heads:
@@ -182,7 +186,7 @@ def show_assignments(asg: Assignments, panels: Sequence[str] | None = None, # wh
         ax.imshow(asg.image)
         draw_boxes(ax, asg.gt_boxes_xyxy, asg.gt_labels, show_text=False)
         draw_boxes(ax, p.boxes_xyxy, p.labels, linestyle="--", show_text=False)
-        ax.set_title(f"{p.title}\n{len(p.labels)} positives; {p.note}", fontsize=6)
+        ax.set_title(f"{p.title}\n{len(p.labels)} boxes; {p.note}", fontsize=6)
         ax.set_axis_off()
     if not keys: axes[0].set_axis_off()
     return fig

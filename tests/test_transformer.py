@@ -361,14 +361,15 @@ def encoder_pass(with_cp, train=True, grad=True):
     return memory.detach(), grads, calls
 
 
-@pytest.mark.parametrize("with_cp", [1, 3])
+@pytest.mark.parametrize("with_cp", [1, 3, 5])
 def test_with_cp_gives_the_same_gradients(with_cp):
     memory0, grads0, calls0 = encoder_pass(0)
     memory, grads, calls = encoder_pass(with_cp)
     torch.testing.assert_close(memory, memory0, rtol=0, atol=0)
     for a, b in zip(grads, grads0): torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert calls0 == [1, 1, 1]
-    assert calls == [2] * with_cp + [1] * (3 - with_cp)  # the checkpointed layers ran again in the backward
+    n = min(with_cp, 3)  # more than the layers checkpoints them all (a preset's value after its encoder is shrunk)
+    assert calls == [2] * n + [1] * (3 - n)  # the checkpointed layers ran again in the backward
 
 
 def test_with_cp_is_off_in_evaluation_and_without_gradients():
@@ -385,5 +386,4 @@ def test_with_cp_config_checks_and_round_trips():
     stored = config_to_dict(TransformerConfig(num_levels=5))
     del stored["with_cp"]  # a config stored before the field existed
     assert config_from_dict(stored).with_cp == 0
-    with pytest.raises(ValueError, match="with_cp"): TransformerConfig(num_encoder_layers=6, with_cp=7)
     with pytest.raises(ValueError, match="with_cp"): TransformerConfig(with_cp=-1)

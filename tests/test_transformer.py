@@ -312,25 +312,25 @@ def ffn_parts(c=8, f=16, p=0.0):
 @pytest.mark.parametrize("frozen", [False, True])
 def test_residual_ffn_equals_the_plain_composition(monkeypatch, block, frozen):
     "Values and gradients of x + linear2(relu(linear1(x))), in token blocks of any size, with or without weight gradients."
-    import codetr.transformer.deformable as deformable
-    monkeypatch.setattr(deformable, "_FFN_BLOCK", block)
+    import codetr.ops.ffn as ffn
+    monkeypatch.setattr(ffn, "_FFN_BLOCK", block)
     lin1, lin2, d1, d2 = ffn_parts()
     for p in (*lin1.parameters(), *lin2.parameters()): p.requires_grad_(not frozen)
     x = torch.randn(2, 7, 8, dtype=torch.float64, requires_grad=True)
     x.data[0, 0] = 0.0  # a token whose hidden units sit at the ReLU's kink for a zero bias: both paths must agree there too
     leaves = [x] + ([] if frozen else [*lin1.parameters(), *lin2.parameters()])
-    ours = deformable.residual_ffn(x, lin1, lin2, d1, d2)
+    ours = ffn.residual_ffn(x, lin1, lin2, d1, d2)
     plain = x + lin2(torch.relu(lin1(x)))
     torch.testing.assert_close(ours, plain, rtol=0, atol=1e-14)
     g = torch.randn_like(plain)
     for a, b in zip(torch.autograd.grad(ours, leaves, g), torch.autograd.grad(plain, leaves, g)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     with torch.no_grad():
-        torch.testing.assert_close(deformable.residual_ffn(x, lin1, lin2, d1, d2), plain.detach(), rtol=0, atol=1e-14)
+        torch.testing.assert_close(ffn.residual_ffn(x, lin1, lin2, d1, d2), plain.detach(), rtol=0, atol=1e-14)
 
 
 def test_residual_ffn_with_active_dropout_is_mmcvs_ffn():
-    from codetr.transformer.deformable import residual_ffn
+    from codetr.ops.ffn import residual_ffn
     lin1, lin2, d1, d2 = ffn_parts(p=0.5)
     x = torch.randn(2, 7, 8, dtype=torch.float64)
     torch.manual_seed(9)

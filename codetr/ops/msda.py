@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -18,11 +19,24 @@ from torch.autograd.function import once_differentiable
 from .cuda import cuda_available, cuda_unavailable_reason, load_kernels
 
 # %% auto 0
-__all__ = ['ms_deform_attn_reference', 'ms_deform_attn_gather', 'ms_deform_attn_kernel', 'ms_deform_attn', 'MSDeformAttn']
+__all__ = ['level_hw', 'shapes_tensor', 'ms_deform_attn_reference', 'ms_deform_attn_gather', 'ms_deform_attn_kernel',
+           'ms_deform_attn', 'MSDeformAttn']
+
+# %% ../../nbs/ops/12_msda.ipynb
+def level_hw(spatial_shapes: Tensor | Sequence[tuple[int, int]], # (L, 2) tensor or L pairs (H, W)
+            ) -> list[tuple[int, int]]:
+    "(H, W) of every level as Python (or, while tracing, symbolic) integers."
+    if isinstance(spatial_shapes, Tensor): return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    return [(h, w) for h, w in spatial_shapes]
+
+def shapes_tensor(spatial_shapes: Tensor | Sequence[tuple[int, int]], device=None) -> Tensor:
+    "(L, 2) int64 level sizes as a tensor (as given when already one)."
+    if isinstance(spatial_shapes, Tensor): return spatial_shapes
+    return torch.tensor([[h, w] for h, w in spatial_shapes], dtype=torch.long, device=device)
 
 # %% ../../nbs/ops/12_msda.ipynb
 def ms_deform_attn_reference(value: Tensor,              # (B, S, M, D) projected tokens of all levels
-                             spatial_shapes: Tensor,     # (L, 2) int64, (H, W) per level
+                             spatial_shapes: Tensor | Sequence[tuple[int, int]], # (L, 2) int64 (H, W) per level, or pairs
                              level_start_index: Tensor,  # (L,) int64, first token of each level (unused here)
                              sampling_locations: Tensor, # (B, Q, M, L, P, 2) normalised (x, y)
                              attention_weights: Tensor,  # (B, Q, M, L, P)
@@ -30,7 +44,7 @@ def ms_deform_attn_reference(value: Tensor,              # (B, S, M, D) projecte
     "Multi-scale deformable attention with `F.grid_sample`: the specification and test oracle."
     B, S, M, D = value.shape
     _, Q, _, L, P, _ = sampling_locations.shape
-    hw = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    hw = level_hw(spatial_shapes)
     grids = 2 * sampling_locations - 1  # (B, Q, M, L, P, 2) in grid_sample's [-1, 1]
     sampled = []
     for l, (v, (h, w)) in enumerate(zip(value.split([h * w for h, w in hw], dim=1), hw)):
@@ -42,14 +56,15 @@ def ms_deform_attn_reference(value: Tensor,              # (B, S, M, D) projecte
     return (sampled * weights).sum(-1).view(B, M * D, Q).transpose(1, 2).contiguous()  # (B, Q, M*D)
 
 # %% ../../nbs/ops/12_msda.ipynb
-def _check_inputs(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+def _check_inputs(value: Tensor, spatial_shapes: Tensor | Sequence[tuple[int, int]], level_start_index: Tensor,
                   sampling_locations: Tensor, attention_weights: Tensor) -> None:
     "Raise a ValueError/TypeError naming the first argument with a wrong shape, dtype or device."
     if value.dim() != 4: raise ValueError(f"ms_deform_attn: value must be (B, S, M, D), got {tuple(value.shape)}")
     B, S, M, D = value.shape
-    if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
+    listed = not isinstance(spatial_shapes, Tensor)
+    if not listed and (spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2):
         raise ValueError(f"ms_deform_attn: spatial_shapes must be (L, 2), got {tuple(spatial_shapes.shape)}")
-    L = spatial_shapes.shape[0]
+    L = len(spatial_shapes) if listed else spatial_shapes.shape[0]
     if level_start_index.shape != (L,):
         raise ValueError(f"ms_deform_attn: level_start_index must be ({L},), got {tuple(level_start_index.shape)}")
     loc = sampling_locations
@@ -57,14 +72,15 @@ def _check_inputs(value: Tensor, spatial_shapes: Tensor, level_start_index: Tens
         raise ValueError(f"ms_deform_attn: sampling_locations must be ({B}, Q, {M}, {L}, P, 2), got {tuple(loc.shape)}")
     if attention_weights.shape != loc.shape[:5]:
         raise ValueError(f"ms_deform_attn: attention_weights must be {tuple(loc.shape[:5])}, got {tuple(attention_weights.shape)}")
-    for name, t in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
+    for name, t in (("level_start_index", level_start_index),) + ((("spatial_shapes", spatial_shapes),) if not listed else ()):
         if t.dtype not in (torch.int32, torch.int64): raise TypeError(f"ms_deform_attn: {name} must be int64, got {t.dtype}")
     for name, t in (("sampling_locations", loc), ("attention_weights", attention_weights)):
         if not value.is_floating_point() or t.dtype != value.dtype:
             raise TypeError(f"ms_deform_attn: value and {name} must share a floating dtype, got {value.dtype} and {t.dtype}")
         if t.device != value.device: raise ValueError(f"ms_deform_attn: {name} is on {t.device}, value on {value.device}")
-    if spatial_shapes.device.type == "cpu" and int(spatial_shapes.prod(1).sum()) != S:
-        raise ValueError(f"ms_deform_attn: value has S={S} tokens but spatial_shapes sum to {int(spatial_shapes.prod(1).sum())}")
+    if listed: total = sum(h * w for h, w in level_hw(spatial_shapes))
+    else: total = int(spatial_shapes.prod(1).sum()) if spatial_shapes.device.type == "cpu" else S  # no GPU sync
+    if total != S: raise ValueError(f"ms_deform_attn: value has S={S} tokens but spatial_shapes sum to {total}")
 
 # %% ../../nbs/ops/12_msda.ipynb
 def _pad_levels(value: Tensor, hw: list[tuple[int, int]]) -> Tensor:
@@ -219,7 +235,7 @@ def ms_deform_attn_gather(value: Tensor, spatial_shapes: Tensor, level_start_ind
     dtype = value.dtype
     if dtype not in (torch.float32, torch.float64):  # half types: compute in float32
         value, sampling_locations, attention_weights = (t.float() for t in (value, sampling_locations, attention_weights))
-    hw = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    hw = level_hw(spatial_shapes)
     grid = _padded_grid(hw, Q, M, P, value.dtype, value.device)
     out = _BilinearRowSum.apply(value, sampling_locations.reshape(B * Q * M, L * P, 2),
                                 attention_weights.reshape(B * Q * M, L * P), grid, hw)  # (B*Q*M, D)
@@ -270,13 +286,13 @@ def ms_deform_attn_kernel(value: Tensor, spatial_shapes: Tensor, level_start_ind
     if kernels is None: kernels = load_kernels("ms_deform_attn", value.device, compute)
     if kernels.dtype != compute: raise TypeError(f"ms_deform_attn_kernel: kernels are built for {kernels.dtype}, inputs need {compute}")
     args = [t.to(compute).contiguous() for t in (value, sampling_locations, attention_weights)]
-    shapes, starts = (t.to(value.device, torch.int64).contiguous() for t in (spatial_shapes, level_start_index))
+    shapes, starts = (t.to(value.device, torch.int64).contiguous() for t in (shapes_tensor(spatial_shapes), level_start_index))
     out = _MSDeformAttnKernel.apply(args[0], shapes, starts, args[1], args[2], kernels)  # (B, Q, M*D)
     return out.to(dtype)
 
 # %% ../../nbs/ops/12_msda.ipynb
 def ms_deform_attn(value: Tensor,              # (B, S, M, D) projected tokens of all levels
-                   spatial_shapes: Tensor,     # (L, 2) int64, (H, W) per level
+                   spatial_shapes: Tensor | Sequence[tuple[int, int]], # (L, 2) int64 (H, W) per level, or pairs
                    level_start_index: Tensor,  # (L,) int64, first token of each level
                    sampling_locations: Tensor, # (B, Q, M, L, P, 2) normalised (x, y), (0, 0) = top-left corner
                    attention_weights: Tensor,  # (B, Q, M, L, P)
@@ -329,7 +345,7 @@ class MSDeformAttn(nn.Module):
                 query: Tensor,                    # (B, Q, C)
                 reference_points: Tensor,         # (B, Q, L, 2) normalised (x, y), or (B, Q, L, 4) (cx, cy, w, h)
                 value: Tensor,                    # (B, S, C) flattened multi-scale features
-                spatial_shapes: Tensor,           # (L, 2) int64, (H, W) per level
+                spatial_shapes: Tensor | Sequence[tuple[int, int]], # (L, 2) int64 (H, W) per level, or pairs
                 level_start_index: Tensor,        # (L,) int64
                 pad_mask: Tensor | None = None,   # (B, S) True = padding
                 query_pos: Tensor | None = None,  # (B, Q, C) added to the query for offsets and weights only
@@ -348,7 +364,7 @@ class MSDeformAttn(nn.Module):
     def _project_value(self, value: Tensor, pad_mask: Tensor | None) -> Tensor:
         B, S, C = value.shape
         v = self.value_proj(value)  # (B, S, C)
-        if pad_mask is not None and (not pad_mask.is_cpu or bool(pad_mask.any())):  # no host sync on a GPU
+        if pad_mask is not None and (not pad_mask.is_cpu or torch.compiler.is_compiling() or bool(pad_mask.any())):  # no GPU sync
             v = v.masked_fill_(pad_mask[..., None], 0.0)  # in place: the projection does not keep its output
         return v.view(B, S, self.num_heads, C // self.num_heads)  # (B, S, M, D)
 
@@ -364,7 +380,7 @@ class MSDeformAttn(nn.Module):
         offsets = self.sampling_offsets(q.reshape(B * Q, -1))  # (B*Q, M*L*P*2) not a view, so in place is free
         ref = reference_points[:, :, None, :, None, :]  # (B, Q, 1, L, 1, 2 or 4)
         if reference_points.shape[-1] == 2:  # broadcasts run along L*P*2, not along a last dimension of 2
-            wh = spatial_shapes.flip(-1).to(offsets)[None, :, None].expand(M, L, P, 2).reshape(-1)  # (M*L*P*2,) as (W, H)
+            wh = shapes_tensor(spatial_shapes, q.device).flip(-1).to(offsets)[None, :, None].expand(M, L, P, 2).reshape(-1)  # (M*L*P*2,) (W, H)
             ref = reference_points[:, :, None, :, None].expand(B, Q, 1, L, P, 2).reshape(B, Q, 1, -1)  # (B, Q, 1, L*P*2)
             offsets = offsets.div_(wh).view(B, Q, M, -1)  # (B, Q, M, L*P*2) the projection keeps no output
             return (offsets + ref).view(B, Q, M, L, P, 2)  # (B, Q, M, L, P, 2)

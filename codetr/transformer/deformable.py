@@ -10,63 +10,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from ..core.config import Config
 from ..ops.box_ops import inverse_sigmoid
-from ..ops.msda import MSDeformAttn
+from ..ops.ffn import residual_ffn
+from ..ops.msda import MSDeformAttn, shapes_tensor
 from .position import (encoder_reference_points, gen_encoder_output_proposals, proposal_pos_embed,
                                          sine_embed_dino, valid_ratios)
 
 # %% auto 0
-__all__ = ['residual_ffn', 'DeformableEncoderLayer', 'DeformableDecoderLayer', 'DeformableEncoder', 'DeformableDecoder',
-           'TransformerOutput', 'flatten_feature_levels', 'TransformerConfig', 'DeformableTransformer',
-           'CoDeformableTransformer']
-
-# %% ../../nbs/transformer/41_deformable.ipynb
-_FFN_BLOCK = 2048  # tokens per block: a (2048, 2048) hidden block is 16 MB
-
-def residual_ffn(x: Tensor, # (..., C) tokens
-                 linear1: nn.Linear, linear2: nn.Linear, dropout1: nn.Dropout, dropout2: nn.Dropout) -> Tensor: # (..., C)
-    "x + dropout2(linear2(dropout1(relu(linear1(x))))): mmcv's FFN with its residual."
-    if any(d.training and d.p > 0 for d in (dropout1, dropout2)): return x + dropout2(linear2(dropout1(F.relu(linear1(x)))))
-    params = (linear1.weight, linear1.bias, linear2.weight, linear2.bias)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)): return _ResidualFFN.apply(x, *params)
-    return _ffn_blocks(x.reshape(-1, x.shape[-1]), *params)[0].view(x.shape)
-
-def _ffn_blocks(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, keep: bool = False) -> tuple[Tensor, Tensor | None]:
-    "x + linear2(relu(linear1(x))) for x (S, C), `_FFN_BLOCK` tokens at a time; with `keep`, also the (S, F) hidden layer."
-    out, kept = torch.empty_like(x), x.new_empty(x.shape[0], w1.shape[0]) if keep else None  # (S, C), (S, F)
-    for block in (slice(i, i + _FFN_BLOCK) for i in range(0, x.shape[0], _FFN_BLOCK)):
-        hidden = torch.addmm(b1, x[block], w1.t(), out=kept[block] if keep else None).relu_()  # (s, F)
-        torch.addmm(b2, hidden, w2.t(), out=out[block])
-    return out.add_(x), kept
-
-class _ResidualFFN(torch.autograd.Function):
-    "x + linear2(relu(linear1(x))) keeping x and the hidden layer; the backward runs in token blocks too."
-    @staticmethod
-    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
-        xf = x.reshape(-1, x.shape[-1])  # (S, C)
-        out, hidden = _ffn_blocks(xf, w1, b1, w2, b2, keep=True)  # (S, C), (S, F)
-        ctx.save_for_backward(xf, hidden, w1, w2)
-        return out.view(x.shape)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor):
-        xf, hidden, w1, w2 = ctx.saved_tensors
-        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
-        g = grad.reshape(-1, grad.shape[-1])  # (S, C)
-        grad_x, grad_w1, grad_b1 = torch.empty_like(xf), torch.zeros_like(w1), w1.new_zeros(w1.shape[0])  # (S, C), (F, C), (F,)
-        for block in (slice(i, i + _FFN_BLOCK) for i in range(0, g.shape[0], _FFN_BLOCK)):
-            grad_hidden = g[block] @ w2  # (s, F)
-            torch.ops.aten.threshold_backward.grad_input(grad_hidden, hidden[block], 0, grad_input=grad_hidden)  # ReLU
-            if need_w1: grad_w1.addmm_(grad_hidden.t(), xf[block])
-            if need_b1: grad_b1 += grad_hidden.sum(0)
-            if need_x: torch.addmm(g[block], grad_hidden, w1, out=grad_x[block])  # the residual plus linear1's input
-        return (grad_x.view(grad.shape) if need_x else None, grad_w1 if need_w1 else None, grad_b1 if need_b1 else None,
-                g.t() @ hidden if need_w2 else None, g.sum(0) if need_b2 else None)
+__all__ = ['DeformableEncoderLayer', 'DeformableDecoderLayer', 'DeformableEncoder', 'DeformableDecoder', 'TransformerOutput',
+           'flatten_feature_levels', 'TransformerConfig', 'DeformableTransformer', 'CoDeformableTransformer']
 
 # %% ../../nbs/transformer/41_deformable.ipynb
 class DeformableEncoderLayer(nn.Module):
@@ -289,13 +244,14 @@ class DeformableTransformer(nn.Module):
                feats: list[Tensor],      # per level (B, C, H_l, W_l)
                pad_masks: list[Tensor],  # per level (B, H_l, W_l) True = padding
                pos_embeds: list[Tensor], # per level (B, C, H_l, W_l) sine encodings
-              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]: # memory (B, S, C), mask (B, S), shapes, starts, ratios (B, L, 2)
-        "Flatten the levels with their level embeddings and run the encoder."
+              ) -> tuple[Tensor, Tensor, list, Tensor, Tensor]: # memory (B, S, C), mask (B, S), hw, starts, ratios (B, L, 2)
+        "Flatten the levels with their level embeddings and run the encoder; the level sizes come back as (H, W) pairs."
         if len(feats) != self.num_levels:
             raise ValueError(f"{type(self).__name__}: expected {self.num_levels} levels in feats, got {len(feats)}")
-        src, mask, pos, shapes, starts = flatten_feature_levels(feats, pad_masks, pos_embeds, self.level_embeds)
+        src, mask, pos, _, starts = flatten_feature_levels(feats, pad_masks, pos_embeds, self.level_embeds)
+        hw = [tuple(f.shape[-2:]) for f in feats]  # sizes as integers, never read back from a tensor (see `level_hw`)
         ratios = torch.stack([valid_ratios(m) for m in pad_masks], 1).to(src.dtype)  # (B, L, 2)
-        return self.encoder(src, pos, shapes, starts, ratios, mask), mask, shapes, starts, ratios
+        return self.encoder(src, pos, hw, starts, ratios, mask), mask, hw, starts, ratios
 
     def score_proposals(self, memory: Tensor, memory_pad_mask: Tensor, spatial_shapes: Tensor,
                         cls_branch: nn.Module, reg_branch: nn.Module) -> tuple[Tensor, Tensor]:
@@ -368,7 +324,8 @@ class CoDeformableTransformer(DeformableTransformer):
         enc_class, enc_coord = self.score_proposals(memory, mask, shapes, cls_branches[n], reg_branches[n])  # (B, S, K), (B, S, 4)
         query, query_pos, reference, topk = self.select_queries(enc_class, enc_coord, query_embed)  # (B, Q, C) x2, (B, Q, 4)
         hs, refs = self.decoder(query, query_pos, reference, memory, shapes, starts, ratios, mask, reg_branches)
-        return TransformerOutput(hs, reference, refs, enc_class, enc_coord, memory, mask, shapes, starts, ratios, topk)
+        return TransformerOutput(hs, reference, refs, enc_class, enc_coord, memory, mask, shapes_tensor(shapes, memory.device),
+                                 starts, ratios, topk)
 
     def aux_queries(self, coords_cxcywh: Tensor, feats: Tensor | None, head_index: int) -> tuple[Tensor, Tensor]:
         "Content (B, M, C) and positional (B, M, C) queries of auxiliary head `head_index`'s positive boxes (spec 3.3)."

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.box_ops import inverse_sigmoid
+from ..ops.msda import shapes_tensor
 from .deformable import DeformableTransformer, TransformerConfig, TransformerOutput
 from .position import proposal_pos_embed
 
@@ -77,8 +78,8 @@ class CoDINOTransformer(DeformableTransformer):
             reference_unact = torch.cat([dn_reference_unact, reference_unact], 1)  # (B, D + Q, 4)
         reference = reference_unact.sigmoid()  # (B, D + Q, 4)
         hs, refs = self.decoder(query, None, reference, memory, shapes, starts, ratios, mask, reg_branches, attn_mask)
-        return TransformerOutput(hs, reference, refs, enc_class, enc_coord, memory, mask, shapes, starts, ratios,
-                                 top.indices), top
+        return TransformerOutput(hs, reference, refs, enc_class, enc_coord, memory, mask, shapes_tensor(shapes, memory.device),
+                                 starts, ratios, top.indices), top
 
     def forward_aux(self,
                     state: TransformerOutput,    # the main pass (memory, masks, shapes, valid ratios)

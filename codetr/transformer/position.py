@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.msda import level_hw
+
 # %% auto 0
 __all__ = ['pad_mask_from_sizes', 'make_pad_masks', 'valid_ratios', 'SinePositionalEncoding', 'encoder_reference_points',
            'proposal_pos_embed', 'sine_embed_dino', 'gen_encoder_output_proposals']
@@ -34,8 +36,14 @@ def make_pad_masks(pad_mask: Tensor,                        # (B, H, W) bool, Tr
                   ) -> list[Tensor]:                        # one (B, H_l, W_l) bool mask per level
     "Downsample a padding mask to every feature level by nearest interpolation (as the official code)."
     if pad_mask.ndim != 3: raise ValueError(f"make_pad_masks: pad_mask must have shape (B, H, W), got {tuple(pad_mask.shape)}")
-    m = pad_mask[None].float()  # (1, B, H, W)
-    return [F.interpolate(m, size=(int(h), int(w)))[0].to(torch.bool) for h, w in level_shapes]  # each (B, H_l, W_l)
+    _, H, W = pad_mask.shape
+    return [pad_mask[:, _nearest_source(H, h, pad_mask.device)][:, :, _nearest_source(W, w, pad_mask.device)]
+            for h, w in level_hw(level_shapes)]  # each (B, H_l, W_l)
+
+def _nearest_source(n_in: int, n_out: int, device=None) -> Tensor:
+    "(n_out,) input index read by each output index of `F.interpolate(mode='nearest')`: floor(i * float32(n_in / n_out))."
+    scale = torch.full((), n_in, dtype=torch.float32, device=device) / n_out  # float32, as PyTorch's kernel
+    return (torch.arange(n_out, device=device).float() * scale).floor().long().clamp(max=n_in - 1)  # (n_out,)
 
 # %% ../../nbs/transformer/40_position.ipynb
 def valid_ratios(pad_mask: Tensor, # (B, H, W) bool, True = padding
@@ -87,16 +95,12 @@ class SinePositionalEncoding(nn.Module):
         return f"num_feats={self.num_feats}, temperature={self.temperature}, normalize={self.normalize}, offset={self.offset}"
 
 # %% ../../nbs/transformer/40_position.ipynb
-def _shape_list(spatial_shapes) -> list[tuple[int, int]]:
-    "Accept a (L, 2) tensor or a sequence of (H, W) pairs."
-    return [(int(h), int(w)) for h, w in (spatial_shapes.tolist() if isinstance(spatial_shapes, Tensor) else spatial_shapes)]
-
 def encoder_reference_points(spatial_shapes: Tensor | Sequence[tuple[int, int]], # (L, 2) as (H_l, W_l)
                              valid_ratios: Tensor, # (B, L, 2) as (w, h), see `valid_ratios`
                             ) -> Tensor:           # (B, S, L, 2) as (x, y), S = sum of H_l * W_l
     "Reference point of every encoder token, expressed in the normalised coordinates of every level."
     points = []
-    for l, (H, W) in enumerate(_shape_list(spatial_shapes)):
+    for l, (H, W) in enumerate(level_hw(spatial_shapes)):
         ys = torch.arange(H, dtype=torch.float32, device=valid_ratios.device) + 0.5  # (H,)
         xs = torch.arange(W, dtype=torch.float32, device=valid_ratios.device) + 0.5  # (W,)
         gy, gx = torch.meshgrid(ys, xs, indexing="ij")  # (H, W) each
@@ -134,7 +138,7 @@ def gen_encoder_output_proposals(memory: Tensor,          # (B, S, C) encoder ou
                                  spatial_shapes: Tensor | Sequence[tuple[int, int]], # (L, 2) as (H_l, W_l)
                                 ) -> tuple[Tensor, Tensor]: # output_memory (B, S, C), output_proposals (B, S, 4)
     "Per-token proposal boxes (cxcywh logits, +inf where invalid) and the memory with invalid tokens zeroed."
-    shapes = _shape_list(spatial_shapes)
+    shapes = level_hw(spatial_shapes)
     B, S, _ = memory.shape
     if sum(h * w for h, w in shapes) != S:
         raise ValueError(f"gen_encoder_output_proposals: spatial_shapes {shapes} give {sum(h * w for h, w in shapes)} tokens, memory has {S}")

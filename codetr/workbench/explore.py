@@ -26,7 +26,7 @@ from ..models.config import CoDETRConfig
 from ..models.detector import CoDETR, build_model
 from ..models.presets import get_preset
 from ..ops.box_ops import box_cxcywh_to_xyxy
-from ..ops.msda import MSDeformAttn
+from ..ops.msda import MSDeformAttn, shapes_tensor
 
 # %% auto 0
 __all__ = ['Panel', 'open_dataset', 'explorer_model', 'ImageView', 'gt_view', 'class_counts', 'detect', 'filter_detections',
@@ -209,8 +209,9 @@ def capture_sampling(modules: Sequence[MSDeformAttn]):
         a = inspect.signature(module.forward).bind(*args, **kwargs).arguments
         q = a["query"] if a.get("query_pos") is None else a["query"] + a["query_pos"]  # (B, Q, C)
         locs = module._sampling_locations(q, a["reference_points"], a["spatial_shapes"])  # (B, Q, M, L, P, 2)
+        shapes = shapes_tensor(a["spatial_shapes"], q.device)  # (L, 2) whichever form the caller passed
         records.append(SamplingRecord(locs.detach(), module._attention_weights(q).detach(),
-                                      a["reference_points"].detach(), a["spatial_shapes"], output.detach()))
+                                      a["reference_points"].detach(), shapes, output.detach()))
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in modules]
     try: yield records
     finally:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, roi_align
 
+from ..backbones.necks import ConvGN
 from ..core.config import Config
 from ..core.dist import reduce_mean
 from .base import AuxHeadConfig, HeadPositives, PositiveCoords, check_pyramid, level_of, nearest_gt
@@ -68,20 +69,28 @@ def roi_extract(feats: list[Tensor],      # per level (B, C, H, W)
 
 # %% ../../nbs/heads/54_roi.ipynb
 class Shared2FCBBoxHead(nn.Module):
-    "Two shared FC layers, then softmax class logits (background last) and class-specific box deltas."
-    def __init__(self, num_classes: int, in_channels: int = 256, roi_size: int = 7, fc_channels: int = 1024):
+    "Shared convs (none by default) and FC layers (two), then softmax class logits (background last) and box deltas."
+    def __init__(self, num_classes: int, in_channels: int = 256, roi_size: int = 7, fc_channels: int = 1024,
+                 num_shared_convs: int = 0,    # 3x3 conv + GN + ReLU layers before the FCs (mmdet ConvFCBBoxHead)
+                 num_shared_fcs: int = 2,
+                 class_agnostic: bool = False, # one box for all classes (4 deltas) instead of 4 per class
+                ):
         super().__init__()
         self.num_classes = num_classes
-        self.shared_fcs = nn.ModuleList([nn.Linear(in_channels * roi_size * roi_size, fc_channels),
-                                         nn.Linear(fc_channels, fc_channels)])
-        self.fc_cls = nn.Linear(fc_channels, num_classes + 1)
-        self.fc_reg = nn.Linear(fc_channels, 4 * num_classes)
+        if num_shared_convs:
+            self.shared_convs = nn.ModuleList(ConvGN(in_channels, in_channels, 3, relu=True) for _ in range(num_shared_convs))
+            for m in self.shared_convs: nn.init.kaiming_normal_(m.conv.weight, mode="fan_out", nonlinearity="relu")
+        dims = [in_channels * roi_size * roi_size] + [fc_channels] * num_shared_fcs
+        self.shared_fcs = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims[:-1], dims[1:]))
+        self.fc_cls = nn.Linear(dims[-1], num_classes + 1)
+        self.fc_reg = nn.Linear(dims[-1], 4 if class_agnostic else 4 * num_classes)
         for fc in self.shared_fcs: nn.init.xavier_uniform_(fc.weight); nn.init.zeros_(fc.bias)
         nn.init.normal_(self.fc_cls.weight, std=0.01); nn.init.zeros_(self.fc_cls.bias)
         nn.init.normal_(self.fc_reg.weight, std=0.001); nn.init.zeros_(self.fc_reg.bias)
 
     def forward(self, roi_feats: Tensor # (R, C, 7, 7)
-               ) -> tuple[Tensor, Tensor]: # logits (R, K + 1), deltas (R, 4K)
+               ) -> tuple[Tensor, Tensor]: # logits (R, K + 1), deltas (R, 4K) or (R, 4) class-agnostic
+        for conv in getattr(self, "shared_convs", []): roi_feats = conv(roi_feats)  # (R, C, 7, 7)
         x = roi_feats.flatten(1)  # (R, C * 49)
         for fc in self.shared_fcs: x = F.relu(fc(x))  # (R, 1024)
         return self.fc_cls(x), self.fc_reg(x)
@@ -116,7 +125,7 @@ def sample_rois(proposals_xyxy: Tensor, # (P, 4) detached proposals
 
 # %% ../../nbs/heads/54_roi.ipynb
 def rcnn_loss(logits: Tensor,         # (R, K + 1) class logits of the sampled RoIs of the batch
-              deltas: Tensor,         # (R, 4K) class-specific deltas
+              deltas: Tensor,         # (R, 4K) class-specific deltas, or (R, 4) class-agnostic
               rois_xyxy: Tensor,      # (R, 4) the RoIs
               labels: Tensor,         # (R,) int64, K = background
               gt_xyxy: Tensor,        # (R, 4) matched gt boxes (zeros for negatives)
@@ -131,8 +140,8 @@ def rcnn_loss(logits: Tensor,         # (R, K + 1) class logits of the sampled R
     num_rois = reduce_mean(logits.new_tensor(float(R))).clamp(min=1)
     loss_cls = cross_entropy(logits, labels, avg_factor=num_rois)
     pos = (labels >= 0) & (labels < K)  # (R,)
-    boxes = coder.decode(rois_xyxy, deltas).reshape(R, K, 4)  # (R, K, 4) every class's box
-    pos_boxes = boxes[pos, labels[pos]]  # (P, 4) the box of the gt class
+    boxes = coder.decode(rois_xyxy, deltas).reshape(R, deltas.shape[1] // 4, 4)  # (R, K or 1, 4) every class's box
+    pos_boxes = boxes[pos, labels[pos] if boxes.shape[1] > 1 else 0]  # (P, 4) the box of the gt class
     loss_bbox = giou_loss(pos_boxes, gt_xyxy[pos], avg_factor=num_rois)
     acc = (logits.detach().argmax(1) == labels).float().mean() * 100 if R else logits.new_zeros(())
     return {f"loss_cls{head_index}": loss_cls_weight * loss_cls,
@@ -168,14 +177,16 @@ class RoIHead(nn.Module):
                  test_cfg: RCNNTestCfg = RCNNTestCfg(),
                  max_proposal: int = 2000,                      # cap on positive-coordinate rows per image
                  fc_channels: int = 1024,                       # width of the two shared FC layers
-                 head_index: int = 0):                          # suffix of the loss keys
+                 head_index: int = 0,                           # suffix of the loss keys
+                 box_stds: tuple[float, ...] = (0.1, 0.1, 0.2, 0.2), # the delta coder's target stds
+                 **bbox_head_kwargs):                           # num_shared_convs, num_shared_fcs, class_agnostic
         super().__init__()
         self.num_classes, self.in_channels, self.strides = num_classes, in_channels, tuple(strides)
         self.finest_scale, self.roi_size, self.sampling, self.test_cfg = finest_scale, roi_size, sampling, test_cfg
         self.loss_cls_weight, self.loss_bbox_weight = loss_cls_weight, loss_bbox_weight
         self.max_proposal, self.head_index = max_proposal, head_index
-        self.box_coder: DeltaXYWHBBoxCoder = roi_box_coder()
-        self.bbox_head = Shared2FCBBoxHead(num_classes, in_channels, roi_size, fc_channels)
+        self.box_coder = DeltaXYWHBBoxCoder(stds=tuple(box_stds))
+        self.bbox_head = Shared2FCBBoxHead(num_classes, in_channels, roi_size, fc_channels, **bbox_head_kwargs)
 
     def extract(self, pyramid: list[Tensor], rois: Tensor) -> Tensor:
         "(R, C, 7, 7) RoIAlign features of `rois` (R, 5) from the first maps of `pyramid`."
@@ -215,7 +226,8 @@ class RoIHead(nn.Module):
         out = []
         for b, hw in enumerate(img_sizes):
             i = (rois[:, 0] == b).nonzero().squeeze(1)  # (P_b,)
-            boxes = self.box_coder.decode(rois[i, 1:], deltas[i], max_hw=tuple(hw)).reshape(len(i), -1, 4)  # (P_b, K, 4)
+            boxes = self.box_coder.decode(rois[i, 1:], deltas[i], max_hw=tuple(hw)).reshape(len(i), -1, 4)  # (P_b, K or 1, 4)
+            boxes = boxes.expand(len(i), scores.shape[1], 4)  # (P_b, K, 4) a class-agnostic box serves every class
             out.append(multiclass_nms(boxes, scores[i], self.test_cfg))
         return out
 
@@ -304,6 +316,10 @@ class RoIConfig(Config):
     pos_fraction: float = 0.25
     loss_cls_weight: float = 1.0                # base weights, x the auxiliary loss factor at build time
     loss_giou_weight: float = 10.0
+    num_shared_convs: int = 0                   # the ViT-L model's ConvFC head: 4 convs, 1 FC, class-agnostic boxes
+    num_shared_fcs: int = 2
+    class_agnostic: bool = False
+    box_stds: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2) # delta coder target stds (ViT-L: halved)
 
     def build(self, num_classes: int, in_channels: int, strides: tuple[int, ...], loss_factor: float,
               head_index: int) -> RoIHead:
@@ -312,7 +328,9 @@ class RoIConfig(Config):
         return RoIHead(num_classes, in_channels, tuple(strides), finest_scale=self.finest_scale, roi_size=self.roi_size,
                        loss_cls_weight=self.loss_cls_weight * loss_factor,
                        loss_bbox_weight=self.loss_giou_weight * loss_factor, sampling=sampling,
-                       fc_channels=self.fc_dims, head_index=head_index)
+                       fc_channels=self.fc_dims, head_index=head_index, box_stds=self.box_stds,
+                       num_shared_convs=self.num_shared_convs, num_shared_fcs=self.num_shared_fcs,
+                       class_agnostic=self.class_agnostic)
 
     def loss_weights(self, loss_factor: float, head_index: int) -> dict[str, float]:
         return {f"loss_cls{head_index}": self.loss_cls_weight * loss_factor,

@@ -9,14 +9,15 @@ import difflib
 from collections.abc import Callable, Sequence
 
 from ..core.config import override, parse_cfg_options
-from . import co_deformable_detr, co_dino
+from . import co_deformable_detr, co_dino, swin, vit
 from .config import CoDETRConfig, config_from_stored
 
 # %% auto 0
 __all__ = ['PRESETS', 'get_preset', 'run_config']
 
 # %% ../../nbs/models/69_presets.ipynb
-PRESETS: dict[str, Callable[..., CoDETRConfig]] = {**co_deformable_detr.PRESETS, **co_dino.PRESETS}
+PRESETS: dict[str, Callable[..., CoDETRConfig]] = {**co_deformable_detr.PRESETS, **co_dino.PRESETS, **swin.PRESETS,
+                                                   **vit.PRESETS}
 
 def get_preset(name: str, num_classes: int | None = None) -> CoDETRConfig:
     "A preset by name, optionally with another class count."

@@ -219,7 +219,8 @@ def predict_files(predictor: Predictor,
 def _predict_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m codetr.engine.predict",
                                 description="Detect objects in images with a Co-DETR checkpoint; write annotated images and COCO results.")
-    p.add_argument("checkpoint", help="training checkpoint (.pt), state dict, .safetensors or official Co-DETR file")
+    p.add_argument("checkpoint", help="training checkpoint (.pt), state dict, .safetensors, official Co-DETR file, or an "
+                                      "exported model (.onnx / .pt2 with its export.json, or their folder)")
     p.add_argument("inputs", nargs="+", help="image files and/or folders of images")
     p.add_argument("--out", required=True, help="output folder (annotated/, detections.json, images.json)")
     p.add_argument("--preset", help="config preset when the checkpoint stores none, e.g. co_deformable_detr_r50_1x_coco")
@@ -235,7 +236,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     "Command line: run a checkpoint on images and write the results; returns the summary."
     args = _predict_parser().parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    predictor = load_predictor(args.checkpoint, args.preset, args.ann, device, args.cfg_options)
+    from codetr.engine.export import ExportedPredictor, is_exported  # (that module builds on this one)
+    if is_exported(args.checkpoint): predictor = ExportedPredictor(args.checkpoint)  # ONNX or torch.export file
+    else: predictor = load_predictor(args.checkpoint, args.preset, args.ann, device, args.cfg_options)
     summary = predict_files(predictor, args.inputs, args.out, args.score_thr, args.ann, args.skip_unreadable,
                             draw=not args.no_draw)
     print(f"{summary['images']} images, {summary['detections']} detections ({summary['drawn']} with score >= "

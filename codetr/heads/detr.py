@@ -280,6 +280,10 @@ class DETRHead(nn.Module):
         return HeadPositives(f"positive queries from auxiliary head {aux.head_index}", boxes, aux.labels[0, :n], gt_idx,
                              f"{n} positives of {aux.coords_cxcywh.shape[1]} rows (the rest are negatives or padding)")
 
+    def deploy_postprocess(self) -> dict:
+        "How an exported model finishes its detections: top-k `candidates` in the graph, then optional soft-NMS, `keep`."
+        return {"candidates": self.test_top_k, "soft_nms_iou": None, "keep": self.test_top_k}
+
     def explain_training_queries(self, gt_labels: Tensor, gt_xyxy: Tensor, img_hw: tuple[int, int],
                                  generator: torch.Generator | None = None) -> dict[str, HeadPositives]:
         "Queries a head adds in training from one image's boxes, by panel name (none here; Co-DINO: denoising)."

@@ -149,6 +149,12 @@ class CoDINOHead(DETRHead):
             out.append({"boxes": boxes[:keep_n], "scores": scores[:keep_n], "labels": det["labels"][keep][:keep_n]})
         return out
 
+    def deploy_postprocess(self) -> dict:
+        "The exported model's top-k (300, or 900 for Sense-X), then class-aware soft-NMS outside the graph, keeping 300."
+        if self.postprocess == "topk": return super().deploy_postprocess()
+        k = self.num_queries if self.postprocess == "sensex" else self.test_top_k
+        return {"candidates": k, "soft_nms_iou": self.nms_iou, "keep": self.test_top_k}
+
     @torch.no_grad()
     def explain_training_queries(self, gt_labels: Tensor, gt_xyxy: Tensor, img_hw: tuple[int, int],
                                  generator: torch.Generator | None = None) -> dict[str, HeadPositives]:

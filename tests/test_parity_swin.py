@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from codetr.engine.checkpoint import load_official, to_official_key
+from codetr.engine.checkpoint import from_official_state_dict, load_official, to_official_key, to_official_state_dict
 from codetr.models.detector import build_model
 from codetr.models.swin import co_dino_5scale_swin_large_lsj_1x_coco
 from test_parity import _close, match_detections
@@ -187,3 +187,24 @@ def test_parity_fails_with_torchvision_merge_order(ref, ours, monkeypatch):
     with torch.no_grad(): neck = model.neck(model.backbone(ref["image"]))
     with pytest.raises(AssertionError, match="neck_patch"):
         _close("neck_patch", torch.stack([f[0, :8, 0, :8] for f in neck]), ref["out"]["neck_patch"], TOL["probe"])
+
+
+def test_sensex_naming_of_the_reference_loads_to_the_same_model(ref, ours):
+    """The reference weights renamed to Sense-X's (`test_swin.sensex_from_mmdet`, apart from codetr's converter) load
+    strictly into the same model: the same weights, the same neck maps; ours -> either naming -> ours is exact."""
+    from test_swin import sensex_from_mmdet
+    cfg = official_cfg()
+    sensex = sensex_from_mmdet(ref["state_dict"])
+    assert "backbone.layers.2.downsample.reduction.weight" in sensex and "query_head.label_embedding.weight" in sensex
+    torch.manual_seed(1)
+    model = build_model(cfg).eval()
+    load_official(model, sensex, cfg, strict=True)
+    want = ours["model"].state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+    with torch.no_grad(): neck = model.neck(model.backbone(ref["image"]))
+    for a, b in zip(neck, ours["neck"]): assert torch.equal(a, b)
+    for flavour in ("mmdet3", "sensex"):
+        back = from_official_state_dict(to_official_state_dict(want, cfg, flavour), cfg)
+        assert list(back) == list(want) and all(torch.equal(back[k], v) for k, v in want.items()), flavour
+    official = to_official_state_dict(want, cfg, "sensex")
+    assert set(official) == set(sensex) and all(torch.equal(official[k], v) for k, v in sensex.items())  # other order

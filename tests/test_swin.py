@@ -1,9 +1,13 @@
 """Swin Transformer V1 backbone: features equal torchvision's Swin-T/S/B (random weights converted to ours) where both
 backbones compute the same function, the official padding, official key names, parameter counts, activation
-checkpointing, weight loading in every layout and the download paths (intercepted: this machine is offline)."""
+checkpointing, weight loading in every layout and the download paths (intercepted: this machine is offline), whole
+detector checkpoints in both official namings (mmdetection 3.x and Sense-X), and a command-line run of the tiny preset."""
+import json
+import math
 import re
 import urllib.error
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +18,7 @@ from codetr.backbones.resnet import WeightsDownloadError
 from codetr.backbones.swin import (SWIN_RELEASE_URL, SwinBackbone, SwinConfig, merge_permutation, relative_position_index,
                                    swin_state_dict)
 from codetr.core.config import config_from_dict, config_to_dict
-from codetr.engine.checkpoint import from_official_state_dict, to_official_state_dict
+from codetr.engine.checkpoint import from_official_state_dict, load_official, to_official_state_dict
 from codetr.models.detector import build_model
 from codetr.models.swin import PRESETS, co_deformable_detr_swin_tiny_1x_coco
 
@@ -268,3 +272,104 @@ def test_command_line_overrides():
     cfg = override(co_deformable_detr_swin_tiny_1x_coco(), **parse_cfg_options(
         ["backbone.weights=none", "backbone.with_cp=true", "backbone.drop_path_rate=0.1"]))
     assert (cfg.backbone.weights, cfg.backbone.with_cp, cfg.backbone.drop_path_rate) == (None, True, 0.1)
+
+
+SENSEX_BACKBONE_KEY = re.compile(  # every backbone entry of Sense-X's `SwinTransformerV1` (the original Swin code)
+    r"^backbone\.(patch_embed\.(proj|norm)\.(weight|bias)|norm\d\.(weight|bias)|layers\.\d\.(downsample\.(reduction\.weight|"
+    r"norm\.(weight|bias))|blocks\.\d+\.(attn\.relative_position_(bias_table|index)|(norm1|norm2|attn\.qkv|attn\.proj|"
+    r"mlp\.fc1|mlp\.fc2)\.(weight|bias))))$")
+
+
+def sensex_from_mmdet(state: dict) -> dict:
+    """A state dict in mmdetection 3.x names -> Sense-X names, written apart from codetr's converter: the original Swin
+    names, the merged channels from mmdet's `nn.Unfold` order (c, dy, dx) into the original concatenation of
+    x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2], x[1::2, 1::2], i.e. (dx, dy, c); Co-DINO's label embedding."""
+    out = {}
+    for k, v in state.items():
+        k = k.replace("query_head.dn_generator.label_embedding.", "query_head.label_embedding.")
+        if k.startswith("backbone."):
+            k = (k.replace("backbone.stages.", "backbone.layers.").replace(".attn.w_msa.", ".attn.")
+                 .replace(".ffn.layers.0.0.", ".mlp.fc1.").replace(".ffn.layers.1.", ".mlp.fc2.")
+                 .replace("patch_embed.projection.", "patch_embed.proj."))
+            if ".downsample." in k:
+                u = v.unflatten(-1, (v.shape[-1] // 4, 2, 2))  # (..., C, dy, dx)
+                v = u.movedim((-3, -2, -1), (-1, -2, -3)).flatten(-3)  # (..., dx, dy, C) flattened
+        out[k] = v
+    return out
+
+
+def sensex_merge(x, norm_w, norm_b, reduction_w):
+    "The original Swin `PatchMerging` on an even-sided (B, H, W, C) map, with its own weights."
+    x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)  # (B, H/2, W/2, 4C)
+    return F.linear(F.layer_norm(x, x.shape[-1:], norm_w, norm_b), reduction_w)  # (B, H/2, W/2, 2C)
+
+
+def random_swin_detector(cfg, seed=0):
+    "A model whose LayerNorms are random too (a permutation of unit weights would go unnoticed)."
+    torch.manual_seed(seed)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.backbone.named_parameters():
+            if p.ndim == 1: p.copy_(torch.randn_like(p))
+    return model
+
+
+def test_sensex_checkpoint_converts_both_ways():
+    """ours -> Sense-X equals the independent conversion of ours -> mmdet 3.x; both round trips are exact; the Sense-X
+    names are those of `SwinTransformerV1`; a Sense-X checkpoint (mmcv dict, `module.` prefix) loads strictly."""
+    cfg = co_deformable_detr_swin_tiny_1x_coco().without_pretrained()
+    model = random_swin_detector(cfg)
+    sd = model.state_dict()
+    mmdet, sensex = to_official_state_dict(sd, cfg, "mmdet3"), to_official_state_dict(sd, cfg, "sensex")
+    want = sensex_from_mmdet(mmdet)
+    assert list(sensex) == list(want)
+    for k, v in want.items(): assert torch.equal(sensex[k], v), k
+    assert not [k for k in sensex if k.startswith("backbone.") and not SENSEX_BACKBONE_KEY.match(k)]
+    for official in (mmdet, sensex):
+        back = from_official_state_dict(official, cfg)
+        assert list(back) == list(sd) and all(torch.equal(back[k], v) for k, v in sd.items())
+    fresh = build_model(cfg).eval()
+    load_official(fresh, {"meta": {}, "state_dict": {"module." + k: v for k, v in sensex.items()}}, cfg, strict=True)
+    img = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        for a, b in zip(model.features(img), fresh.features(img)): assert torch.equal(a, b)
+
+
+def test_sensex_merge_weights_compute_the_original_merge():
+    "Our merge with our weights equals the original Swin merge with the converted Sense-X weights."
+    cfg = co_deformable_detr_swin_tiny_1x_coco().without_pretrained()
+    model = random_swin_detector(cfg, seed=2)
+    sensex = to_official_state_dict(model.state_dict(), cfg, "sensex")
+    x = torch.randn(2, 8, 10, 96)  # (B, H, W, C) stage-0 tokens
+    w = {k.removeprefix("backbone.layers.0.downsample."): v for k, v in sensex.items() if k.startswith("backbone.layers.0.downsample.")}
+    with torch.no_grad():
+        torch.testing.assert_close(model.backbone.stages[0].downsample(x), sensex_merge(x, w["norm.weight"], w["norm.bias"],
+                                                                                       w["reduction.weight"]))
+    with pytest.raises(ValueError, match="flavour='mmdet2'"): to_official_state_dict(model.state_dict(), cfg, "mmdet2")
+
+
+SMALL_CLI_AUG = ["aug.test_scale=64", "aug.test_max_size=96", "aug.scales=(48,64)", "aug.max_size=96",
+                 "aug.crop_scales=(48,)", "aug.crop_range=(32,48)"]
+
+
+def cli_train_and_evaluate(preset: str, work: Path, cfg_options=()) -> dict:
+    "`codetr.engine.train.main` on 4 synthetic images (2 steps of 2) and 2 validation images; the metrics, checked."
+    from codetr.data.synthetic import make_synthetic_coco
+    from codetr.engine.train import main
+    synth = make_synthetic_coco(work / "synthetic", n_train=4, n_val=2, min_size=64, max_size=96, seed=0)
+    metrics = main([preset, "--epochs", "1", "--batch-size", "2", "--num-workers", "0", "--no-progress", "--device", "cpu",
+                    "--train-images", str(synth.train_images), "--train-ann", str(synth.train_json),
+                    "--val-images", str(synth.val_images), "--val-ann", str(synth.val_json), "--work-dir", str(work / "run"),
+                    "--cfg-options", *SMALL_CLI_AUG, *cfg_options])
+    assert 0 <= metrics["AP"] <= 1
+    stored = json.loads((work / "run" / "config.json").read_text())
+    assert stored["name"] == preset and (work / "run" / "model.safetensors").exists()
+    log = [r for r in map(json.loads, (work / "run" / "log.jsonl").read_text().splitlines()) if r["mode"] == "train"]
+    assert len(log) == 2 and all(math.isfinite(r["loss"]) for r in log)
+    return stored
+
+
+def test_cli_trains_and_evaluates_the_tiny_swin_preset(tmp_path):
+    "The tiny Swin preset trains one short epoch from the command line, then evaluates."
+    stored = cli_train_and_evaluate("co_deformable_detr_swin_tiny_synthetic", tmp_path, ["query_head.num_queries=30"])
+    assert stored["backbone"]["type"] == "SwinConfig" and stored["backbone"]["weights"] is None

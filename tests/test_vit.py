@@ -1,6 +1,7 @@
 """The ViT backbone, the simple feature pyramid, the ConvFC RoI head and the ViT presets, part by part against
 oracles written out directly: RoPE as complex rotations, window attention as an explicit loop over windows, SwiGLU
-as its formula; plus activation checkpointing, official key names and the official parameter count."""
+as its formula; plus activation checkpointing, official key names, the official parameter count and a command-line
+run of the tiny preset."""
 import math
 
 import pytest
@@ -311,3 +312,11 @@ def test_tiny_preset_trains_on_cpu():
             assert all(p.grad is not None for n, p in model.named_parameters() if n.startswith(("backbone.", "neck.")))
         opt.step()
     assert loss.item() < first
+
+
+def test_cli_trains_and_evaluates_the_tiny_vit_preset(tmp_path):
+    "The tiny ViT preset trains one short epoch from the command line, then evaluates."
+    from test_swin import cli_train_and_evaluate
+    stored = cli_train_and_evaluate("co_dino_vit_tiny_synthetic", tmp_path,
+                                    ["query_head.num_queries=30", "query_head.num_dn_queries=10", "query_head.test_top_k=30"])
+    assert stored["backbone"]["type"] == "ViTConfig" and stored["neck"]["type"] == "SFPConfig"

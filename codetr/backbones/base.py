@@ -5,7 +5,7 @@
 # %% ../../nbs/backbones/30_base.ipynb 3
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -21,9 +21,20 @@ class BackboneConfig(Config):
     "Base of backbone configs: `build()` returns a module with `out_channels` and `strides`, one per returned map."
     def build(self) -> nn.Module: raise NotImplementedError(f"{type(self).__name__}.build")
 
-    def official_rules(self) -> list[tuple[str, str]]:
+    def official_rules(self, flavour: str | None = None) -> list[tuple[str, str]]:
         "(ours, official) regex pairs for the keys under `backbone.` that are named differently (none by default)."
         return []
+
+    def official_flavour(self, keys: Iterable[str]) -> str | None:
+        "Which of several official namings these backbone keys (official names, `backbone.` removed) use; None: the default."
+        return None
+
+    def official_tensors(self, state: dict[str, Tensor], # backbone weights, our names without `backbone.`
+                         flavour: str | None,           # the official naming (see `official_rules`)
+                         to_official: bool,             # True: ours -> official layout; False: back
+                        ) -> dict[str, Tensor]:
+        "Weights whose layout (not only name) differs in the official `flavour`, converted; none by default."
+        return state
 
 @dataclass(frozen=True)
 class NeckConfig(Config):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import urllib.error
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,12 +146,8 @@ class SwinStage(nn.Module):
         return x, (self.downsample(x) if self.downsample is not None else x)
 
 # %% ../../nbs/backbones/33_swin.ipynb
-SWIN_VARIANTS = {  # embed dims C, blocks per stage, heads per stage (the official Swin V1 variants)
-    "tiny": (96, (2, 2, 6, 2), (3, 6, 12, 24)),
-    "small": (96, (2, 2, 18, 2), (3, 6, 12, 24)),
-    "base": (128, (2, 2, 18, 2), (4, 8, 16, 32)),
-    "large": (192, (2, 2, 18, 2), (6, 12, 24, 48)),
-}
+SWIN_VARIANTS = {"tiny": (96, (2, 2, 6, 2), (3, 6, 12, 24)), "small": (96, (2, 2, 18, 2), (3, 6, 12, 24)),
+                 "base": (128, (2, 2, 18, 2), (4, 8, 16, 32)), "large": (192, (2, 2, 18, 2), (6, 12, 24, 48))}  # C, depths, heads
 
 def _check_swin_args(variant: str, window_size: int, out_indices: Sequence[int], drop_path_rate: float, frozen_stages: int):
     if variant not in SWIN_VARIANTS: raise ValueError(f"SwinBackbone: variant={variant!r}, expected one of {tuple(SWIN_VARIANTS)}")
@@ -204,14 +200,10 @@ class SwinBackbone(nn.Module):
         self._freeze()
 
     @property
-    def out_channels(self) -> list[int]:
-        "Channels of each returned map."
-        return [self.dims[i] for i in self.out_indices]
+    def out_channels(self) -> list[int]: return [self.dims[i] for i in self.out_indices]  # of each returned map
 
     @property
-    def strides(self) -> list[int]:
-        "Stride of each returned map relative to the input."
-        return [4 * 2 ** i for i in self.out_indices]
+    def strides(self) -> list[int]: return [4 * 2 ** i for i in self.out_indices]  # of each returned map, in pixels
 
     def reset_parameters(self):
         "The official initialisation: truncated normal (std 0.02) linear weights and bias tables, zero biases, unit LayerNorms."
@@ -331,11 +323,12 @@ def _torchvision_key(key: str) -> str | None:
     if i % 2: return f"stages.{i // 2}.blocks.{rest}".replace(".mlp.0.", ".mlp.fc1.").replace(".mlp.3.", ".mlp.fc2.")
     return f"stages.{i // 2 - 1}.downsample.{rest}"
 
-def _reorder_merges(state: dict) -> dict:
-    "Merged channels from torchvision's / the original Swin's order into ours."
+def _reorder_merges(state: dict, inverse: bool = False) -> dict:
+    "Merged channels from torchvision's / the original Swin's order into ours (`inverse`: from ours into theirs)."
     for k, v in state.items():
-        if ".downsample.reduction." in k: state[k] = v[:, merge_permutation(v.shape[1] // 4)]
-        elif ".downsample.norm." in k: state[k] = v[merge_permutation(v.shape[0] // 4)]
+        if ".downsample." in k:  # merge LayerNorm and reduction weights: the 4C merged channels come last
+            perm = merge_permutation(v.shape[-1] // 4)
+            state[k] = v[..., perm.argsort() if inverse else perm]
     return state
 
 def swin_state_dict(state: Mapping, # weights in any supported layout (see above)
@@ -365,12 +358,17 @@ def _check_keys(model: SwinBackbone, state: Mapping[str, Tensor], source: str):
     if wrong: raise ValueError(f"{name}: {source} has {len(wrong)} weights with other shapes (another variant or window?) [{_first(wrong, 3)}]")
 
 # %% ../../nbs/backbones/33_swin.ipynb
-SWIN_OFFICIAL_RULES = [  # (ours, official mmdet) key patterns under `backbone.`
-    (r"^patch_embed\.proj\.", "patch_embed.projection."),
-    (r"^stages\.(\d+\.blocks\.\d+)\.attn\.", r"stages.\1.attn.w_msa."),
-    (r"^stages\.(\d+\.blocks\.\d+)\.mlp\.fc1\.", r"stages.\1.ffn.layers.0.0."),
-    (r"^stages\.(\d+\.blocks\.\d+)\.mlp\.fc2\.", r"stages.\1.ffn.layers.1."),
-]
+SWIN_OFFICIAL_RULES = {  # flavour -> (ours, official) key patterns under `backbone.`
+    "mmdet3": [(r"^patch_embed\.proj\.", "patch_embed.projection."),  # mmdetection's SwinTransformer (2.x and 3.x)
+               (r"^stages\.(\d+\.blocks\.\d+)\.attn\.", r"stages.\1.attn.w_msa."),
+               (r"^stages\.(\d+\.blocks\.\d+)\.mlp\.fc1\.", r"stages.\1.ffn.layers.0.0."),
+               (r"^stages\.(\d+\.blocks\.\d+)\.mlp\.fc2\.", r"stages.\1.ffn.layers.1.")],
+    "sensex": [(r"^stages\.(\d+)\.", r"layers.\1.")],  # the original Swin code, Sense-X's `SwinTransformerV1`
+}
+
+def _flavour(flavour: str | None) -> str:
+    if (flavour or "mmdet3") not in SWIN_OFFICIAL_RULES: raise ValueError(f"SwinConfig: flavour={flavour!r}, expected 'mmdet3' or 'sensex'")
+    return flavour or "mmdet3"
 
 @dataclass(frozen=True)
 class SwinConfig(BackboneConfig):
@@ -390,4 +388,13 @@ class SwinConfig(BackboneConfig):
         return SwinBackbone(self.variant, self.window_size, self.out_indices, self.drop_path_rate, self.frozen_stages,
                             self.with_cp, self.weights)
 
-    def official_rules(self) -> list[tuple[str, str]]: return list(SWIN_OFFICIAL_RULES)
+    def official_rules(self, flavour: str | None = None) -> list[tuple[str, str]]:
+        "mmdetection's names (flavour None or 'mmdet3'), or the original Swin's of the Sense-X checkpoints ('sensex')."
+        return list(SWIN_OFFICIAL_RULES[_flavour(flavour)])
+
+    def official_flavour(self, keys: Iterable[str]) -> str | None:
+        return "sensex" if any(k.startswith("layers.") for k in keys) else None
+
+    def official_tensors(self, state: dict[str, Tensor], flavour: str | None, to_official: bool) -> dict[str, Tensor]:
+        "The Sense-X merge layers take the 2 x 2 neighbourhoods in the original Swin order: permute their channels."
+        return _reorder_merges(dict(state), inverse=to_official) if _flavour(flavour) == "sensex" else state

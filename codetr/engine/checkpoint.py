@@ -20,11 +20,11 @@ from ..models.config import CoDETRConfig
 from ..models.detector import official_key_rules
 
 # %% auto 0
-__all__ = ['CLASS_SPECIFIC', 'LEGACY_KEYS', 'EXPORTED_META', 'to_official_key', 'from_official_key', 'to_official_state_dict',
-           'from_official_state_dict', 'preset_fit', 'best_preset', 'preset_hint', 'load_official',
-           'CheckpointContents', 'read_weights', 'checkpoint_num_classes', 'load_start_weights', 'upgrade_state_dict',
-           'checkpoint_name', 'list_checkpoints', 'save_checkpoint', 'latest_checkpoint', 'load_checkpoint',
-           'state_dict_of', 'load_state_dict_file', 'export_safetensors']
+__all__ = ['CLASS_SPECIFIC', 'LEGACY_KEYS', 'EXPORTED_META', 'to_official_key', 'from_official_key', 'official_flavour',
+           'to_official_state_dict', 'from_official_state_dict', 'preset_fit', 'best_preset', 'preset_hint',
+           'load_official', 'CheckpointContents', 'read_weights', 'checkpoint_num_classes', 'load_start_weights',
+           'upgrade_state_dict', 'checkpoint_name', 'list_checkpoints', 'save_checkpoint', 'latest_checkpoint',
+           'load_checkpoint', 'state_dict_of', 'load_state_dict_file', 'export_safetensors']
 
 # %% ../../nbs/engine/70_checkpoint.ipynb
 def _invert(pattern: str, repl: str) -> tuple[str, str]:
@@ -44,22 +44,34 @@ def to_official_key(key: str, cfg: CoDETRConfig, flavour: str | None = None) -> 
     "Our parameter name -> the official one (`flavour` picks one of several official namings)."
     return _rename(key, official_key_rules(cfg, flavour))
 
-def from_official_key(key: str, cfg: CoDETRConfig) -> str:
-    "The official parameter name -> ours."
-    return _rename(key, [_invert(p, r) for p, r in official_key_rules(cfg)])
+def from_official_key(key: str, cfg: CoDETRConfig, flavour: str | None = None) -> str:
+    "The official parameter name (in the naming `flavour`) -> ours."
+    return _rename(key, [_invert(p, r) for p, r in official_key_rules(cfg, flavour)])
 
 # %% ../../nbs/engine/70_checkpoint.ipynb
+def _backbone_tensors(state: dict[str, Tensor], cfg: CoDETRConfig, flavour: str | None, to_official: bool) -> dict[str, Tensor]:
+    "`state` (our names) with the backbone weights whose layout differs in the official `flavour` converted."
+    ours = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    done = cfg.backbone.official_tensors(ours, flavour, to_official)
+    return {k: done.get(k.removeprefix("backbone."), v) if k.startswith("backbone.") else v for k, v in state.items()}
+
+def official_flavour(state_dict: Mapping[str, Tensor], cfg: CoDETRConfig) -> str | None:
+    "The official naming of an official state_dict, as its backbone keys tell (None: the default one)."
+    return cfg.backbone.official_flavour([k.removeprefix("backbone.") for k in state_dict if k.startswith("backbone.")])
+
 def to_official_state_dict(state_dict: Mapping[str, Tensor], cfg: CoDETRConfig,
                            flavour: str | None = None) -> dict[str, Tensor]:
-    "Our state_dict with official key names (`flavour` picks one of several official namings)."
+    "Our state_dict with official key names and layouts (`flavour` picks one of several official namings)."
     rules = official_key_rules(cfg, flavour)
-    return {_rename(k, rules): v for k, v in state_dict.items()}
+    return {_rename(k, rules): v for k, v in _backbone_tensors(dict(state_dict), cfg, flavour, True).items()}
 
 def from_official_state_dict(state_dict: Mapping[str, Tensor], cfg: CoDETRConfig) -> dict[str, Tensor]:
-    "An official state_dict (or whole mmcv checkpoint) with our key names."
+    "An official state_dict (or whole mmcv checkpoint) in any official naming, with our key names and layouts."
     if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping): state_dict = state_dict["state_dict"]
-    rules = [_invert(p, r) for p, r in official_key_rules(cfg)]
-    return {_rename(k.removeprefix("module."), rules): v for k, v in state_dict.items()}
+    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    flavour = official_flavour(state_dict, cfg)
+    rules = [_invert(p, r) for p, r in official_key_rules(cfg, flavour)]
+    return _backbone_tensors({_rename(k, rules): v for k, v in state_dict.items()}, cfg, flavour, False)
 
 CLASS_SPECIFIC = re.compile(r"(cls_branches\.\d+\.|bbox_head\.fc_cls\.|bbox_head\.fc_reg\.|atss_cls\.|label_embedding\.)")
 

@@ -153,11 +153,11 @@ def build_model(cfg: CoDETRConfig) -> CoDETR:
 
 # %% ../../nbs/models/61_detector.ipynb
 def official_key_rules(cfg: CoDETRConfig,
-                       flavour: str | None = None, # one of several official namings (Co-DINO: "mmdet3" or "sensex")
+                       flavour: str | None = None, # one of several official namings ("mmdet3", the default, or "sensex")
                       ) -> list[tuple[str, str]]:
     "(ours, official) regex pairs for the model built from `cfg`, from every part's config."
     rules = [(r"^aux_pyramid\.downsample\.", "query_head.downsample.")]
-    rules += [(r"^backbone\." + p.lstrip("^"), "backbone." + r) for p, r in cfg.backbone.official_rules()]
+    rules += [(r"^backbone\." + p.lstrip("^"), "backbone." + r) for p, r in cfg.backbone.official_rules(flavour)]
     rules += [(r"^neck\." + p.lstrip("^"), "neck." + r) for p, r in cfg.neck.official_rules()]
     rules += cfg.query_head.official_rules(flavour)
     groups: dict[str, int] = {}

@@ -17,7 +17,8 @@ $(STAMP): settings.ini setup.py
 	@touch $@
 
 ## The main job: train co_deformable_detr_tiny on the embedded synthetic dataset (generated once) with the papermill
-## notebook nbs/runs/train.ipynb, evaluate it, print the AP table. The run folder gets the executed notebook.
+## notebook nbs/runs/train.ipynb, evaluate it, print the AP table. Each cell's output streams to the terminal as it
+## runs (--log-output: the command, one line per epoch, the AP table); the run folder gets the executed notebook.
 ## One process with two threads uses both cores of a small CPU (measured ~20% faster per step than two gloo
 ## processes of one thread each, RUN_NPROC=2 RUN_THREADS=1, which split the preset's batch of 4 into 2 x 2).
 RUN_DIR ?= work_dirs/main
@@ -25,8 +26,8 @@ RUN_NPROC ?= 1
 RUN_THREADS ?= 2
 run: $(STAMP)
 	@mkdir -p $(RUN_DIR)
-	$(BIN)/papermill nbs/runs/train.ipynb $(RUN_DIR)/train.ipynb --cwd . -k python3 -p SMOKE False \
-	  -p WORK_DIR $(RUN_DIR) -p NPROC $(RUN_NPROC) -p BATCH_SIZE $$((4 / $(RUN_NPROC))) -p NUM_THREADS $(RUN_THREADS)
+	$(BIN)/papermill nbs/runs/train.ipynb $(RUN_DIR)/train.ipynb --cwd . -k python3 --log-output --no-progress-bar \
+	  -p SMOKE False -p WORK_DIR $(RUN_DIR) -p NPROC $(RUN_NPROC) -p BATCH_SIZE $$((4 / $(RUN_NPROC))) -p NUM_THREADS $(RUN_THREADS)
 	@$(BIN)/python -c "import json, sys; from codetr.engine.evaluate import ap_table; \
 	  print(ap_table(json.load(open(sys.argv[1])))); print('run folder:', sys.argv[2])" $(RUN_DIR)/metrics.json $(RUN_DIR)
 
@@ -44,9 +45,10 @@ check-sync: $(STAMP)
 	  git status --porcelain -- codetr nbs; exit 1; fi; \
 	echo "codetr/ matches the notebooks; notebooks are clean"
 
-## Open the notebooks in JupyterLab.
+## Open the notebooks in JupyterLab (as root, e.g. in a container, with --allow-root, which JupyterLab requires there).
 lab: $(STAMP)
-	$(BIN)/jupyter lab nbs
+	@root=""; if [ "$$(id -u)" = 0 ]; then root="--allow-root"; echo "running as root: starting JupyterLab with --allow-root"; fi; \
+	$(BIN)/jupyter lab nbs $$root
 
 export: $(STAMP)
 	$(BIN)/nbdev_export

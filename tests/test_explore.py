@@ -293,3 +293,13 @@ def test_explorer_model_from_checkpoint(env, tmp_path):
     own = env["model"].state_dict()
     assert all(torch.equal(v, own[k]) for k, v in m.state_dict().items())
     torch.testing.assert_close(detect(m, env["ds"], 1)["boxes"], detect(env["model"], env["ds"], 1)["boxes"])
+
+
+def test_panel_captions_count_in_words(asg):
+    "One box reads '1 box', several 'N boxes'."
+    from dataclasses import replace as dc_replace
+    a = asg[0]
+    one = dc_replace(a, panels={"detr": dc_replace(a.panels["detr"], boxes_xyxy=a.panels["detr"].boxes_xyxy[:1],
+                                                   labels=a.panels["detr"].labels[:1], gt_index=a.panels["detr"].gt_index[:1])})
+    assert "\n1 box;" in show_assignments(one).axes[0].get_title()
+    assert f"\n{len(a.panels['atss'].labels)} boxes;" in show_assignments(a, ["atss"]).axes[0].get_title()

@@ -186,7 +186,8 @@ def show_assignments(asg: Assignments, panels: Sequence[str] | None = None, # wh
         ax.imshow(asg.image)
         draw_boxes(ax, asg.gt_boxes_xyxy, asg.gt_labels, show_text=False)
         draw_boxes(ax, p.boxes_xyxy, p.labels, linestyle="--", show_text=False)
-        ax.set_title(f"{p.title}\n{len(p.labels)} boxes; {p.note}", fontsize=6)
+        n = len(p.labels)
+        ax.set_title(f"{p.title}\n{n} box{'' if n == 1 else 'es'}; {p.note}", fontsize=7)
         ax.set_axis_off()
     if not keys: axes[0].set_axis_off()
     return fig
@@ -286,7 +287,7 @@ def show_sampling(samp: DecoderSampling, layer: int, query: int, class_names: Se
                    edgecolors="black", linewidths=0.3)
         ax.set_xlim(0, w); ax.set_ylim(h, 0)
         share = float(wts.sum()) / M
-        ax.set_title(f"level {level} (stride {samp.strides[level]}): {100 * share:.0f}% of the attention", fontsize=6)
+        ax.set_title(f"level {level} (stride {samp.strides[level]}): {100 * share:.0f}% of the attention", fontsize=7)
         ax.set_axis_off()
     name = class_names[int(samp.labels[query])] if class_names else str(int(samp.labels[query]))
     fig.suptitle(f"layer {layer}, query {query}: {name} {float(samp.scores[query]):.2f}", fontsize=8)

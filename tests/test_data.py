@@ -197,6 +197,10 @@ def test_malformed_annotation_file(tmp_path, text, msg):
     (tmp_path / "bad.json").write_text(text)
     with pytest.raises(ValueError, match=r"bad\.json.*" + msg): CocoDetection(tmp_path, tmp_path / "bad.json")
 
+def test_annotation_file_without_images(tmp_path):
+    (tmp_path / "none.json").write_text('{"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}]}')
+    with pytest.raises(ValueError, match=r"annotation file .*none\.json has no images"): CocoDetection(tmp_path, tmp_path / "none.json")
+
 @pytest.mark.parametrize("bbox", [[1, 2, 3], [1, 2, "a", 4], None, [1, 2, float("nan"), 4]])
 def test_malformed_bbox(tmp_path, bbox):
     ann_file = one_image(tmp_path, [{"id": 42, "image_id": 5, "category_id": 2, "bbox": bbox}])

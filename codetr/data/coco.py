@@ -143,10 +143,10 @@ class CocoDetection(torch.utils.data.Dataset):
                 ):
         self.img_folder, self.ann_file, self.transforms = Path(img_folder), Path(ann_file), transforms
         data = read_coco_json(self.ann_file)
+        if not data["images"]: raise ValueError(f"annotation file {self.ann_file} has no images ('images' is empty)")
         self._targets, self.dropped_ann_ids = parse_annotations(data, self.ann_file)
         _warn_dropped(self.dropped_ann_ids, self.ann_file)
-        self.coco = coco_index(data)
-        self.ids = sorted(self.coco.imgs)
+        self.coco = coco_index(data); self.ids = sorted(self.coco.imgs)
         cats = sorted(data["categories"], key=lambda c: c["id"])
         self.label_to_cat_id = [c["id"] for c in cats]
         self.cat_id_to_label = {c: i for i, c in enumerate(self.label_to_cat_id)}

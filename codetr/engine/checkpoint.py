@@ -23,8 +23,8 @@ from ..models.detector import official_key_rules
 __all__ = ['CLASS_SPECIFIC', 'LEGACY_KEYS', 'EXPORTED_META', 'to_official_key', 'from_official_key', 'official_flavour',
            'to_official_state_dict', 'from_official_state_dict', 'preset_fit', 'best_preset', 'preset_hint',
            'load_official', 'CheckpointContents', 'read_weights', 'checkpoint_num_classes', 'load_start_weights',
-           'upgrade_state_dict', 'checkpoint_name', 'list_checkpoints', 'save_checkpoint', 'latest_checkpoint',
-           'load_checkpoint', 'state_dict_of', 'load_state_dict_file', 'export_safetensors']
+           'upgrade_state_dict', 'checkpoint_name', 'list_checkpoints', 'save_checkpoint', 'remove_stale_temporaries',
+           'latest_checkpoint', 'load_checkpoint', 'state_dict_of', 'load_state_dict_file', 'export_safetensors']
 
 # %% ../../nbs/engine/70_checkpoint.ipynb
 def _invert(pattern: str, repl: str) -> tuple[str, str]:
@@ -217,6 +217,23 @@ def save_checkpoint(work_dir: str | Path, state: dict, keep_last: int = 3) -> Pa
         for old in list_checkpoints(work_dir)[:-keep_last]:
             if old != path: old.unlink(missing_ok=True)
     return path
+
+_TMP = re.compile(r"^\..+\.tmp\.(\d+)$")  # `atomic_write`'s temporary: .<name>.tmp.<writer pid>
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid(): return True
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except (PermissionError, OverflowError, ValueError): return True  # another user's process (or not checkable): keep
+    return True
+
+def remove_stale_temporaries(work_dir: str | Path) -> list[Path]:
+    "Delete the half-written temporaries of killed writers in `work_dir` (a live writer's file stays); returns them."
+    work_dir = Path(work_dir)
+    if not work_dir.is_dir(): return []
+    stale = [p for p in work_dir.iterdir() if (m := _TMP.match(p.name)) and p.is_file() and not _pid_alive(int(m[1]))]
+    for p in stale: p.unlink(missing_ok=True)
+    return stale
 
 def latest_checkpoint(work_dir: str | Path) -> Path | None:
     "The checkpoint named by `latest`, else the newest one present, else None."

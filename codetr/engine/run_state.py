@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 from collections.abc import Iterator, Sequence
@@ -17,10 +18,11 @@ from torch import Tensor, nn
 
 from ..models.config import OptimConfig
 from ..core.dist import get_rank, get_world_size
+from ..core.io import atomic_write
 
 # %% auto 0
 __all__ = ['lr_mult_for', 'param_groups', 'build_optimizer', 'build_scheduler', 'clip_gradients', 'seed_everything',
-           'sample_seed', 'seeded_rngs', 'SeededDataset', 'EpochSampler', 'rng_state', 'set_rng_state']
+           'sample_seed', 'seeded_rngs', 'SeededDataset', 'EpochSampler', 'rng_state', 'set_rng_state', 'trim_log']
 
 # %% ../../nbs/engine/72_run_state.ipynb
 def lr_mult_for(name: str,                                # parameter name, e.g. "backbone.layer1.0.conv1.weight"
@@ -138,3 +140,20 @@ def set_rng_state(state: dict):
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state["cuda"])
+
+# %% ../../nbs/engine/72_run_state.ipynb
+def _logged_by(line: str, step: int) -> bool:
+    try: return json.loads(line).get("step", 0) <= step
+    except (json.JSONDecodeError, AttributeError, TypeError): return False  # a line cut short, or not a record
+
+def trim_log(path: str | Path,  # a JSON-lines log whose records carry "step"
+             step: int,         # the checkpoint's global step
+            ) -> int:
+    "Rewrite `path` atomically without the records logged after `step`; returns how many were dropped."
+    path = Path(path)
+    if not path.is_file(): return 0
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    kept = [line for line in lines if _logged_by(line, step)]
+    if len(kept) < len(lines) or not text.endswith("\n"): atomic_write(path, "".join(line + "\n" for line in kept))
+    return len(lines) - len(kept)

@@ -28,10 +28,10 @@ from ..core.dist import get_rank, get_world_size, init_device, is_dist, is_main_
 from ..core.io import atomic_write
 from ..data.coco import collate, build_dataset
 from .checkpoint import (export_safetensors, latest_checkpoint, load_checkpoint, load_start_weights,
-                                     save_checkpoint)
+                                     remove_stale_temporaries, save_checkpoint)
 from .evaluate import ap_table, evaluate, shard_loader, write_metrics
 from .run_state import (EpochSampler, SeededDataset, build_optimizer, build_scheduler, clip_gradients,
-                                     rng_state, seed_everything, set_rng_state)
+                                     rng_state, seed_everything, set_rng_state, trim_log)
 from ..models.config import CoDETRConfig
 from ..models.detector import build_model, total_loss
 from ..models.presets import run_config
@@ -296,9 +296,11 @@ def fit(self: Trainer,
     "Train until `cfg.optim.epochs`; returns the (unwrapped) model."
     if is_main_process():
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.work_dir)  # half-written files of a run killed while saving
         atomic_write(self.work_dir / "config.json", json.dumps(config_to_dict(self.cfg), indent=1))
     resumed = self.resume(resume_from) if (resume_from or auto_resume) else None
     if resumed is None and is_main_process(): self.log_path.unlink(missing_ok=True)  # a fresh run starts a fresh log
+    elif is_main_process(): trim_log(self.log_path, self.global_step)  # the steps after the checkpoint are run again
     with _stop_on_signals(self):
         try:
             while self.epoch < self.cfg.optim.epochs:

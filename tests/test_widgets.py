@@ -78,10 +78,12 @@ def test_sampling_explorer(env):
     assert se.state["points"] == t.num_heads * t.num_levels * t.num_points
     picks = [q for _, q in se.best.options]
     assert picks == samp.scores.argsort(descending=True)[:10].tolist()
+    assert se.best.value == picks[0] == se.query.value  # the dropdown names the query shown, never blank
     se.best.value = picks[3]
     assert se.query.value == picks[3] and se.state["query"] == picks[3]
     se.layer.value = 0
     assert se.state["title"].startswith(f"layer 0, query {picks[3]}")
     se.index.value = 3
-    assert se.best.value is None and se.best.options[0][1] == int(se.sampling(3).scores.argmax())
+    best3 = int(se.sampling(3).scores.argmax())
+    assert se.best.options[0][1] == best3 and se.best.value == best3 and se.query.value == best3
     assert se.state["index"] == 3

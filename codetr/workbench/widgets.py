@@ -154,7 +154,8 @@ class SamplingExplorer(Explorer):
         self.layer = widgets.IntSlider(samp.num_layers - 1, min=0, max=samp.num_layers - 1, description="layer")
         self.query = widgets.IntSlider(int(samp.scores.argmax()), min=0, max=samp.num_queries - 1, description="query",
                                        continuous_update=False)
-        self.best = widgets.Dropdown(options=self._best_options(samp), value=None, description="best")
+        options = self._best_options(samp)
+        self.best = widgets.Dropdown(options=options, value=options[0][1], description="best")  # the query shown
         self.best.observe(self._pick, names="value")
         self.index.observe(self._new_image, names="value")
         super().__init__([self.index, self.layer, self.query, self.best])
@@ -173,8 +174,9 @@ class SamplingExplorer(Explorer):
         if change["new"] is not None: self.query.value = change["new"]
 
     def _new_image(self, change):
-        self.best.options = self._best_options(self.sampling(change["new"]))
-        self.best.value = None
+        options = self._best_options(self.sampling(change["new"]))
+        self.best.options = options
+        self.best.value = self.query.value = options[0][1]  # a new image starts at its best query
 
     def draw(self) -> tuple[Figure, dict]:
         samp = self.sampling(self.index.value)

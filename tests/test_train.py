@@ -503,7 +503,12 @@ def run_script(tmp_path, args, nproc=1):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                    f"--nproc_per_node={nproc}"]
-    return subprocess.run(launcher + [str(script), json.dumps(args)], capture_output=True, text=True, env=env, timeout=300)
+    run = lambda: subprocess.run(launcher + [str(script), json.dumps(args)], capture_output=True, text=True, env=env,
+                                 timeout=300)
+    proc = run()
+    if nproc > 1 and proc.returncode and "terminate called without an active exception" in proc.stderr:
+        proc = run()  # gloo's threads can abort the process as it exits on a loaded machine: launch the run once more
+    return proc
 
 
 def data_args(synth, **kw):

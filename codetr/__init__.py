@@ -12,7 +12,8 @@ import importlib
 _PUBLIC = {"PRESETS": "codetr.models.presets", "get_preset": "codetr.models.presets",
            "build_model": "codetr.models.detector", "load_official": "codetr.engine.checkpoint",
            "Trainer": "codetr.engine.train", "evaluate": "codetr.engine.evaluate",
-           "load_predictor": "codetr.engine.predict", "predict_files": "codetr.engine.predict"}
+           "load_predictor": "codetr.engine.predict", "predict_files": "codetr.engine.predict",
+           "from_pretrained": "codetr.engine.zoo"}
 
 def __getattr__(name: str):
     "The public names of codetr, imported from their modules when first used."

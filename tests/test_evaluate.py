@@ -192,6 +192,15 @@ def test_evaluate_cli(tmp_path, synth):
     assert (tmp_path / "out" / "metrics.json").exists() and abs(metrics["AP"] - 1) < 1e-9
 
 
+def test_evaluate_cli_needs_one_source_of_weights(tmp_path, capsys):
+    with pytest.raises(SystemExit): main(["co_deformable_detr_tiny"])
+    assert "--checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit): main(["co_deformable_detr_tiny", "--checkpoint", "a.pt", "--pretrained", "b"])
+    assert "not allowed with" in capsys.readouterr().err
+    torch.save({"model": AnswerReaderDouble().state_dict()}, tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="stores no config: name its preset"): main(["--checkpoint", str(tmp_path / "plain.pt")])
+
+
 def test_evaluate_cli_uses_the_checkpoint_config(tmp_path, synth):
     from dataclasses import replace
     stored = replace(get_preset("co_deformable_detr_tiny"), lambda_2=3.0)

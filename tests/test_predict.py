@@ -311,6 +311,20 @@ def test_cli_errors_name_the_file(env, tmp_path):
         main([str(tmp_path / "nope.pt"), str(env["synth"].val_images), "--out", str(tmp_path / "o")])
 
 
+def test_cli_options_may_come_between_checkpoint_and_inputs(env, tmp_path):
+    summary = main([str(env["ckpt"]), "--out", str(tmp_path / "o"), str(env["synth"].val_images), "--no-draw",
+                    "--ann", str(env["synth"].val_json), "--device", "cpu"])
+    assert summary["images"] == 3
+
+
+def test_cli_needs_a_checkpoint_or_pretrained(env, tmp_path, capsys):
+    with pytest.raises(SystemExit): main([str(env["synth"].val_images), "--out", str(tmp_path)])
+    assert "or --pretrained NAME" in capsys.readouterr().err
+    with pytest.raises(SystemExit): main(["--pretrained", "co_dino_5scale_r50_1x_coco", "--preset", "co_dino_tiny",
+                                          str(env["synth"].val_images), "--out", str(tmp_path)])
+    assert "--preset does not go with --pretrained" in capsys.readouterr().err
+
+
 def test_import_does_not_run_cli(monkeypatch):
     import importlib
     import codetr.engine.predict

@@ -479,8 +479,10 @@ torch.set_num_threads(1)
 train = build_dataset("train", args["images"], args["ann"], aug=SMALL_AUG)
 val = build_dataset("val", args["val_images"], args["val_ann"], aug=SMALL_AUG)
 cfg = tiny_cfg(epochs=args["epochs"], batch_size=args["batch_size"], lr_steps=(2,))
+cfg = replace(cfg, optim=replace(cfg.optim, **{{k: tuple(v) if isinstance(v, list) else v for k, v in args.get("optim", {{}}).items()}}))
 trainer = Trainer(cfg, train, args["work_dir"], val_set=val, model_factory=TinyDetectorDouble, progress=False,
-                  checkpoint_interval=args.get("interval", 0), num_workers=args.get("workers", 0))
+                  checkpoint_interval=args.get("interval", 0), num_workers=args.get("workers", 0),
+                  fsdp=args.get("fsdp", False))
 kill_at = args.get("kill_at")
 if kill_at:
     log_step = trainer._log_step
@@ -491,8 +493,10 @@ if kill_at:
     trainer._log_step = killing_log_step
 trainer.fit(auto_resume=args.get("resume", False))
 metrics = trainer.validate()
+weights = trainer.weights()  # collective under FSDP
+model = trainer.state_dict()["model"]  # whole (gathered to rank 0) under FSDP
 if is_main_process():
-    torch.save({{"model": trainer.model.state_dict(), "AP": metrics["AP"]}}, args["out"])
+    torch.save({{"model": model, "weights": weights, "AP": metrics["AP"]}}, args["out"])
 if is_dist(): torch.distributed.destroy_process_group()
 """
 

@@ -1,9 +1,11 @@
 """Tests for codetr.workbench.widgets without a browser: each explorer driven from Python (set a control's value, check what
 was re-rendered) against the codetr.workbench.explore helpers it draws with."""
+import html
+
 import pytest
 import torch
 
-from codetr.workbench.explore import decoder_sampling, detect
+from codetr.workbench.explore import decoder_sampling, detect, sampling_title
 from codetr.workbench.widgets import AssignmentExplorer, DatasetBrowser, PredictionExplorer, SamplingExplorer
 
 
@@ -87,3 +89,49 @@ def test_sampling_explorer(env):
     best3 = int(se.sampling(3).scores.argmax())
     assert se.best.options[0][1] == best3 and se.best.value == best3 and se.query.value == best3
     assert se.state["index"] == 3
+
+
+# ---------------------------------------------------------------- pictures at their own size, captions said once
+
+def png_size(png: bytes) -> tuple[int, int]:
+    "(width, height) from the PNG's IHDR chunk: bytes 16-20 and 20-24, big-endian."
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR", "not a PNG"
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+
+
+def assert_natural_size(explorer):
+    "The image widget is as wide as its PNG, may shrink in a narrow window, and keeps the aspect ratio."
+    layout, (w, _) = explorer.image.layout, png_size(explorer.image.value)
+    assert layout.width not in (None, "", "100%", "auto"), f"{type(explorer).__name__}: width {layout.width!r}"
+    assert layout.width == f"{w}px", f"{type(explorer).__name__}: shown {layout.width} wide, the PNG is {w} px"
+    assert (layout.max_width, layout.height) == ("100%", "auto")
+
+
+def test_explorers_show_their_png_at_natural_size(env):
+    model, ds = env["model"], env["ds"]
+    b = DatasetBrowser(ds)
+    assert_natural_size(b)
+    assert png_size(b.image.value)[0] == png_size(DatasetBrowser(ds, cell=2.0).image.value)[0] + 200  # 100 px an inch
+    pe = PredictionExplorer(model, ds)
+    assert_natural_size(pe)
+    ae = AssignmentExplorer(model, ds)
+    assert_natural_size(ae)
+    wide = png_size(ae.image.value)[0]
+    ae.panels.value = ("rpn",)  # one panel: a narrower picture, and the widget follows
+    assert_natural_size(ae)
+    assert png_size(ae.image.value)[0] < wide
+    se = SamplingExplorer(model, ds)
+    assert_natural_size(se)
+    se.layer.value = 0
+    assert_natural_size(se)
+
+
+def test_sampling_caption_said_once(env):
+    se = SamplingExplorer(env["model"], env["ds"])
+    samp, names = se.sampling(0), env["ds"].class_names
+    for layer, query in ((se.layer.value, se.query.value), (0, int(samp.scores.argsort()[0]))):
+        se.layer.value, se.query.value = layer, query
+        text = sampling_title(samp, layer, query, names)
+        assert text == f"layer {layer}, query {query}: {names[int(samp.labels[query])]} {float(samp.scores[query]):.2f}"
+        assert se.figure.get_suptitle() == "" and not [t for t in se.figure.texts if t.get_text()]
+        assert se.caption.value == f"<b>{html.escape(text)}</b>" and se.state["title"] == text

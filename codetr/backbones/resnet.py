@@ -13,6 +13,7 @@ import urllib.error
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 import torchvision
 from torch import Tensor, nn
 
@@ -45,11 +46,12 @@ class ResNetBackbone(nn.Module):
                  frozen_stages: int = 1,                  # -1 none, 0 the stem, k the stem and layer1..layer{k}
                  norm_eval: bool = True,                  # freeze every BatchNorm and keep it in eval mode
                  weights: str | os.PathLike | Mapping | None = None, # None, "imagenet", a file or a state_dict
+                 with_cp: bool = False,                   # recompute each residual block in the backward pass
                 ):
         super().__init__()
         _check_backbone_args(name, out_indices, frozen_stages)
         self.name, self.out_indices = name, tuple(out_indices)
-        self.frozen_stages, self.norm_eval = frozen_stages, norm_eval
+        self.frozen_stages, self.norm_eval, self.with_cp = frozen_stages, norm_eval, with_cp
         net = getattr(torchvision.models, name)(weights=None)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
@@ -92,8 +94,11 @@ class ResNetBackbone(nn.Module):
         "Run the trunk up to the last requested stage."
         x = self.maxpool(self.relu(self.bn1(self.conv1(images))))  # (B, 64, H/4, W/4)
         feats = []
+        cp = self.with_cp and self.training and torch.is_grad_enabled()
         for i in range(self.out_indices[-1] + 1):
-            x = getattr(self, f"layer{i + 1}")(x)  # (B, C_i, H/s_i, W/s_i)
+            for block in getattr(self, f"layer{i + 1}"):  # (B, C_i, H/s_i, W/s_i) after each stage
+                trains = x.requires_grad or any(p.requires_grad for p in block.parameters())
+                x = checkpoint(block, x, use_reentrant=False) if cp and trains else block(x)
             if i in self.out_indices: feats.append(x)
         return feats
 
@@ -116,12 +121,14 @@ class ResNetConfig(BackboneConfig):
     frozen_stages: int = 1                      # stem and layer1 frozen (-1: nothing frozen)
     norm_eval: bool = True                      # every BatchNorm frozen in eval mode (pretrained statistics)
     weights: str | None = "imagenet"            # "imagenet" (torchvision), a local file, or None (random)
+    with_cp: bool = False                       # activation checkpointing of every residual block in training
 
     def __post_init__(self):
         _check_backbone_args(f"resnet{self.depth}", self.out_indices, self.frozen_stages)
 
     def build(self) -> ResNetBackbone:
-        return ResNetBackbone(f"resnet{self.depth}", self.out_indices, self.frozen_stages, self.norm_eval, self.weights)
+        return ResNetBackbone(f"resnet{self.depth}", self.out_indices, self.frozen_stages, self.norm_eval, self.weights,
+                              self.with_cp)
 
 # %% ../../nbs/backbones/31_resnet.ipynb
 _WEIGHT_ENUMS = {"resnet18": "ResNet18_Weights", "resnet34": "ResNet34_Weights",

@@ -91,7 +91,7 @@ def _parse_value(value, tp, dotted: str):
         raise ValueError(f"expected true or false")
     if tp in (int, float, str): return tp(value)
     if typing.get_origin(tp) is tuple or tp is tuple:
-        items = [v.strip() for v in value.strip().strip("()[]").split(",") if v.strip()]
+        items = [v.strip().strip("'\"") for v in value.strip().strip("()[]").split(",") if v.strip()]  # quotes optional
         args = typing.get_args(tp)
         inner = args[0] if args and (len(args) == 2 and args[1] is Ellipsis or len(set(args)) == 1) else str
         if items and inner not in (int, float, str):

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from fastcore.imports import IN_NOTEBOOK
 from tqdm.auto import tqdm
 
-from ..core.config import override
+from ..core.config import override, parse_cfg_options
 from ..core.dist import get_rank, get_world_size, init_device, is_dist, is_main_process
 from ..core.io import atomic_write
 from ..data.coco import Batch, CocoDetection, build_dataset, collate, to_coco_results
@@ -168,33 +168,59 @@ def evaluate(model: nn.Module,                 # detector following the model in
 # %% ../../nbs/engine/71_evaluate.ipynb
 def _eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m codetr.engine.evaluate", description="COCO box AP of a Co-DETR checkpoint.")
-    p.add_argument("preset", help="config preset name, e.g. co_deformable_detr_tiny")
-    p.add_argument("--checkpoint", required=True, help="training checkpoint (.pt), state dict, .safetensors or official file")
+    p.add_argument("preset", nargs="?", help="config preset name, e.g. co_deformable_detr_tiny (not needed with "
+                                             "--pretrained or a checkpoint that stores its config)")
+    weights = p.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--checkpoint", help="training checkpoint (.pt), state dict, .safetensors or official file")
+    weights.add_argument("--pretrained", metavar="NAME", help="a released model by name (python -m codetr.engine.zoo "
+                                                              "list): cached or downloaded, checked, loaded")
     p.add_argument("--images", help="image folder (synthetic validation set when absent)")
     p.add_argument("--ann", help="COCO annotation file")
-    p.add_argument("--work-dir", default=None, help="where detections.json and metrics.json go (default: next to the checkpoint)")
+    p.add_argument("--work-dir", default=None, help="where detections.json and metrics.json go (default: next to the "
+                                                    "checkpoint; work_dirs/pretrained/NAME with --pretrained)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--cfg-options", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. query_head.test_top_k=300")
     return p
 
-def main(argv: Sequence[str] | None = None,
-         model_factory: Callable[[CoDETRConfig], nn.Module] | None = None, # default: codetr.models.detector.build_model
-        ) -> dict:
-    "Command line: evaluate a checkpoint on a COCO-format data set and write the run files."
-    args = _eval_parser().parse_args(argv)
-    joined = not is_dist()  # we join torchrun's group here, so we leave it at the end
-    device = init_device(args.device)
+def _checkpoint_run(args: argparse.Namespace, model_factory: Callable | None) -> tuple[nn.Module, CocoDetection, Path]:
+    "The model (weights loaded), the data set and the output folder of a `--checkpoint` evaluation."
     ckpt = read_weights(args.checkpoint)
+    if args.preset is None and ckpt.config is None:
+        raise ValueError(f"checkpoint {ckpt.path} stores no config: name its preset (evaluate PRESET --checkpoint ...)")
     cfg = run_config(args.preset, args.cfg_options, ckpt.config)
     dataset = build_dataset("val", args.images, args.ann, aug=cfg.aug)
     cfg = override(cfg, num_classes=dataset.num_classes).without_pretrained()  # the checkpoint has the weights
     model = (model_factory or build_model)(cfg)
     load_official(model, ckpt.state_dict, cfg, strict=True)
+    return model, dataset, Path(args.work_dir or ckpt.path.parent)
+
+def _pretrained_run(args: argparse.Namespace, model_factory: Callable | None) -> tuple[nn.Module, CocoDetection, Path]:
+    "The model, the data set and the output folder of a `--pretrained NAME` evaluation."
+    from codetr.engine.zoo import checkpoint_path, from_pretrained, zoo_entry  # (that module builds on this one)
+    entry = zoo_entry(args.pretrained)
+    if args.preset not in (None, entry.preset):
+        raise ValueError(f"--pretrained {args.pretrained} is a model of the preset {entry.preset!r}, not "
+                         f"{args.preset!r}: leave the preset out")
+    cfg = override(entry.config(), **parse_cfg_options(args.cfg_options))
+    dataset = build_dataset("val", args.images, args.ann, aug=cfg.aug)
+    if is_main_process(): checkpoint_path(args.pretrained)  # rank 0 fills the cache before the others read it
+    if is_dist(): dist.barrier()
+    model = from_pretrained(args.pretrained, dataset.num_classes, cfg_options=args.cfg_options, model_factory=model_factory)
+    return model, dataset, Path(args.work_dir or Path("work_dirs") / "pretrained" / args.pretrained)
+
+def main(argv: Sequence[str] | None = None,
+         model_factory: Callable[[CoDETRConfig], nn.Module] | None = None, # default: codetr.models.detector.build_model
+        ) -> dict:
+    "Command line: evaluate a checkpoint (or a released model by name) on a COCO-format data set; write the run files."
+    args = _eval_parser().parse_args(argv)
+    joined = not is_dist()  # we join torchrun's group here, so we leave it at the end
+    device = init_device(args.device)
+    model, dataset, work_dir = (_pretrained_run if args.pretrained else _checkpoint_run)(args, model_factory)
     metrics, results = evaluate(model.to(device), shard_loader(dataset, args.batch_size, args.num_workers), dataset, device)
     if is_main_process():
-        write_metrics(args.work_dir or ckpt.path.parent, metrics, results)
+        write_metrics(work_dir, metrics, results)
         print(ap_table(metrics))
     if joined and is_dist(): dist.destroy_process_group()
     return metrics

@@ -219,9 +219,12 @@ def predict_files(predictor: Predictor,
 def _predict_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m codetr.engine.predict",
                                 description="Detect objects in images with a Co-DETR checkpoint; write annotated images and COCO results.")
-    p.add_argument("checkpoint", help="training checkpoint (.pt), state dict, .safetensors, official Co-DETR file, or an "
-                                      "exported model (.onnx / .pt2 with its export.json, or their folder)")
+    p.add_argument("checkpoint", nargs="?", help="training checkpoint (.pt), state dict, .safetensors, official Co-DETR "
+                                                 "file, or an exported model (.onnx / .pt2 with its export.json, or their "
+                                                 "folder); left out with --pretrained")
     p.add_argument("inputs", nargs="+", help="image files and/or folders of images")
+    p.add_argument("--pretrained", metavar="NAME", help="a released model by name instead of CHECKPOINT (python -m "
+                                                        "codetr.engine.zoo list): cached or downloaded, checked, loaded")
     p.add_argument("--out", required=True, help="output folder (annotated/, detections.json, images.json)")
     p.add_argument("--preset", help="config preset when the checkpoint stores none, e.g. co_deformable_detr_r50_1x_coco")
     p.add_argument("--ann", help="COCO annotation file: class names and category ids (and image ids where names match)")
@@ -232,14 +235,34 @@ def _predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-options", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. query_head.test_top_k=300")
     return p
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    "Command line: run a checkpoint on images and write the results; returns the summary."
-    args = _predict_parser().parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+def _checkpoint_and_inputs(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    "The checkpoint (None with --pretrained, where every positional argument is an input) and the inputs."
+    if args.pretrained:
+        if args.preset: p.error("--preset does not go with --pretrained: the zoo entry names its preset")
+        return None, ([args.checkpoint] if args.checkpoint else []) + list(args.inputs)
+    if args.checkpoint is None: p.error("give a CHECKPOINT and the inputs, or --pretrained NAME and the inputs")
+    from codetr.engine.zoo import ZOO  # (that module builds on this one)
+    if args.checkpoint in ZOO and not Path(args.checkpoint).exists():
+        p.error(f"{args.checkpoint!r} is a model zoo name, not a file: use --pretrained {args.checkpoint}")
+    return args.checkpoint, list(args.inputs)
+
+def _cli_predictor(checkpoint: str | None, args: argparse.Namespace, device: str):
+    "The predictor the command line asked for: a zoo model, an exported model, or a checkpoint."
+    if checkpoint is None:
+        from codetr.engine.zoo import pretrained_predictor  # (that module builds on this one)
+        return pretrained_predictor(args.pretrained, args.ann, device, args.cfg_options)
     from codetr.engine.export import ExportedPredictor, is_exported  # (that module builds on this one)
-    if is_exported(args.checkpoint): predictor = ExportedPredictor(args.checkpoint)  # ONNX or torch.export file
-    else: predictor = load_predictor(args.checkpoint, args.preset, args.ann, device, args.cfg_options)
-    summary = predict_files(predictor, args.inputs, args.out, args.score_thr, args.ann, args.skip_unreadable,
+    if is_exported(checkpoint): return ExportedPredictor(checkpoint)  # ONNX or torch.export file
+    return load_predictor(checkpoint, args.preset, args.ann, device, args.cfg_options)
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    "Command line: run a checkpoint (or a released model by name) on images and write the results; returns the summary."
+    p = _predict_parser()
+    args = p.parse_intermixed_args(argv)  # options may come between the checkpoint and the inputs
+    checkpoint, inputs = _checkpoint_and_inputs(p, args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    predictor = _cli_predictor(checkpoint, args, device)
+    summary = predict_files(predictor, inputs, args.out, args.score_thr, args.ann, args.skip_unreadable,
                             draw=not args.no_draw)
     print(f"{summary['images']} images, {summary['detections']} detections ({summary['drawn']} with score >= "
           f"{args.score_thr}) -> {summary['out_dir']}" + (f"; skipped {len(summary['skipped'])}" if summary["skipped"] else ""))

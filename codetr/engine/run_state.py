@@ -9,20 +9,25 @@ import contextlib
 import json
 import math
 import random
+import resource
+import signal
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..models.config import OptimConfig
-from ..core.dist import get_rank, get_world_size
+from ..core.dist import get_rank, get_world_size, is_dist, is_main_process
 from ..core.io import atomic_write
 
 # %% auto 0
-__all__ = ['lr_mult_for', 'param_groups', 'build_optimizer', 'build_scheduler', 'clip_gradients', 'seed_everything',
-           'sample_seed', 'seeded_rngs', 'SeededDataset', 'EpochSampler', 'rng_state', 'set_rng_state', 'trim_log']
+__all__ = ['lr_mult_for', 'layer_id', 'param_groups', 'build_optimizer', 'build_scheduler', 'clip_gradients', 'seed_everything',
+           'sample_seed', 'seeded_rngs', 'SeededDataset', 'EpochSampler', 'rng_state', 'set_rng_state', 'trim_log',
+           'warmup_factor', 'ModelEMA', 'freeze', 'train_mode', 'autocast_for', 'peak_memory_mb', 'reduce_terms',
+           'append_jsonl', 'config_changes', 'worker_ignores_sigint', 'stop_on_signals', 'format_seconds']
 
 # %% ../../nbs/engine/72_run_state.ipynb
 def lr_mult_for(name: str,                                # parameter name, e.g. "backbone.layer1.0.conv1.weight"
@@ -34,18 +39,35 @@ def lr_mult_for(name: str,                                # parameter name, e.g.
         if key in name: return float(table[key])
     return 1.0
 
+def _no_decay(name: str, p: Tensor) -> bool:
+    "The layer-decay recipe's weight-decay exemptions: 1-D tensors, biases and relative-position tables."
+    return p.ndim == 1 or name.endswith(".bias") or "relative_position_bias_table" in name or "rel_pos" in name
+
+def layer_id(name: str, depth: int) -> int:
+    "A parameter's depth for layer-wise decay: 0 for the patch embedding, i+1 for ViT block i, depth+1 after the blocks."
+    if name.startswith(("backbone.patch_embed", "backbone.pos_embed", "backbone.cls_token", "backbone.mask_token")): return 0
+    if name.startswith("backbone.blocks."): return int(name.split(".")[2]) + 1
+    return depth + 1
+
 def param_groups(model: nn.Module, optim_cfg: OptimConfig) -> list[dict]:
-    "Trainable parameters grouped by learning-rate multiplier, in order of first appearance."
-    groups: dict[float, dict] = {}
+    "Trainable parameters grouped by learning-rate multiplier (and weight decay), in order of first appearance."
+    decay, depth = optim_cfg.layer_decay, 0
+    if decay != 1:
+        depth = len(getattr(getattr(model, "backbone", None), "blocks", ()))
+        if not depth: raise ValueError(f"OptimConfig.layer_decay={decay}: needs a backbone with `blocks` (a ViT); "
+                                       f"this model's backbone is a {type(getattr(model, 'backbone', None)).__name__}")
+    groups: dict[tuple[float, float], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad: continue
-        mult = lr_mult_for(name, optim_cfg.lr_mult)
-        g = groups.setdefault(mult, {"params": [], "param_names": [], "lr": optim_cfg.lr * mult, "lr_mult": mult})
+        if decay == 1: mult, wd = lr_mult_for(name, optim_cfg.lr_mult), optim_cfg.weight_decay
+        else: mult, wd = decay ** (depth + 1 - layer_id(name, depth)), 0.0 if _no_decay(name, p) else optim_cfg.weight_decay
+        g = groups.setdefault((mult, wd), {"params": [], "param_names": [], "lr": optim_cfg.lr * mult, "lr_mult": mult,
+                                           "weight_decay": wd})
         g["params"].append(p); g["param_names"].append(name)
     return list(groups.values())
 
 def build_optimizer(model: nn.Module, optim_cfg: OptimConfig) -> torch.optim.AdamW:
-    "AdamW with the official parameter groups (spec 5.1): lr x multiplier by name, weight decay on everything."
+    "AdamW with the official parameter groups (spec 5.1): lr x multiplier by name (or by depth with `layer_decay`)."
     groups = param_groups(model, optim_cfg)
     if not groups: raise ValueError("build_optimizer: the model has no trainable parameters")
     # the fused kernel updates every tensor in one pass: ~3x faster than the per-tensor loop on a CPU
@@ -157,3 +179,124 @@ def trim_log(path: str | Path,  # a JSON-lines log whose records carry "step"
     kept = [line for line in lines if _logged_by(line, step)]
     if len(kept) < len(lines) or not text.endswith("\n"): atomic_write(path, "".join(line + "\n" for line in kept))
     return len(lines) - len(kept)
+
+# %% ../../nbs/engine/72_run_state.ipynb
+def warmup_factor(step: int, optim_cfg: OptimConfig) -> float:
+    "mmcv's linear warm-up: the factor on the scheduled learning rate at optimiser step `step` (from 0)."
+    if step >= optim_cfg.warmup_iters: return 1.0
+    return 1 - (1 - step / optim_cfg.warmup_iters) * (1 - optim_cfg.warmup_ratio)
+
+class ModelEMA:
+    "An exponential moving average of a model's floating-point state (mmdet's ExpMomentumEMAHook rule)."
+    def __init__(self, model: nn.Module, momentum: float = 1e-4, warmup: int = 2000):
+        if not 0 < momentum < 1: raise ValueError(f"ModelEMA: momentum={momentum}, expected in (0, 1)")
+        self.momentum, self.warmup, self.updates = momentum, warmup, 0
+        self.names = [k for k, v in model.state_dict().items() if v.is_floating_point()]
+        state = model.state_dict()
+        self.shadow = [state[k].detach().clone() for k in self.names]
+
+    def rate(self, step: int) -> float:
+        "The weight of the live model at update `step` (from 0)."
+        return (1 - self.momentum) * math.exp(-(1 + step) / self.warmup) + self.momentum
+
+    @torch.no_grad()
+    def update(self, model: nn.Module):
+        "Move the average towards the model's current state (call after each optimiser step)."
+        state = model.state_dict()
+        torch._foreach_lerp_(self.shadow, [state[k].detach() for k in self.names], self.rate(self.updates))
+        self.updates += 1
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates, "momentum": self.momentum, "warmup": self.warmup,
+                "shadow": dict(zip(self.names, self.shadow))}
+
+    def load_state_dict(self, state: dict):
+        missing = set(self.names) - set(state["shadow"])
+        if missing: raise KeyError(f"ModelEMA.load_state_dict: the saved average lacks {sorted(missing)[:5]}")
+        self.updates = state["updates"]
+        for t, k in zip(self.shadow, self.names): t.copy_(state["shadow"][k])
+
+    def averaged(self, model: nn.Module) -> dict[str, Tensor]:
+        "The model's state dict with the averaged entries (integer buffers as they are)."
+        return {**model.state_dict(), **dict(zip(self.names, self.shadow))}
+
+    @contextlib.contextmanager
+    def swapped_in(self, model: nn.Module):
+        "Run the block with the averaged weights in `model`; the live weights come back afterwards."
+        live = {k: v.detach().clone() for k, v in model.state_dict().items() if k in set(self.names)}
+        model.load_state_dict(self.averaged(model))
+        try: yield model
+        finally: model.load_state_dict(live, strict=False)
+
+def freeze(model: nn.Module, prefixes: Sequence[str]) -> list[str]:
+    "Stop gradients for the parameters whose names start with a prefix; returns their names."
+    names = [n for n, p in model.named_parameters() if n.startswith(tuple(prefixes))]
+    if prefixes and not names:
+        raise ValueError(f"OptimConfig.frozen={tuple(prefixes)}: no parameter name starts with these prefixes "
+                         f"(top-level parts: {sorted({n.split('.')[0] for n, _ in model.named_parameters()})})")
+    for n, p in model.named_parameters():
+        if n in set(names): p.requires_grad_(False)
+    return names
+
+def train_mode(model: nn.Module, prefixes: Sequence[str]):
+    "`model.train()`, with the modules under the frozen prefixes in eval mode (fixed batch-norm statistics, no dropout)."
+    model.train()
+    for n, m in model.named_modules():
+        if n and any(n == p.rstrip(".") or n.startswith(p.rstrip(".") + ".") for p in prefixes): m.eval()
+
+# %% ../../nbs/engine/72_run_state.ipynb
+def autocast_for(device: torch.device, amp: str | None):
+    "bf16/fp16 autocast on `device`, or nothing when `amp` is None."
+    if amp is None: return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[amp])
+
+def peak_memory_mb(device: torch.device) -> float:
+    "Peak memory since the last call: the CUDA allocator's peak, or the process's peak RSS on the CPU."
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        torch.cuda.reset_peak_memory_stats(device)
+        return round(peak, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # kB on Linux
+
+def reduce_terms(losses: dict[str, Tensor], total: Tensor, stop: bool) -> dict[str, float]:
+    "Loss terms, total and the stop flag averaged over processes (one all_reduce), as floats."
+    keys = sorted(losses)
+    vec = torch.stack([losses[k].detach().float() for k in keys] + [total.detach().float(),  # (T + 2,)
+                       torch.tensor(float(stop), device=total.device)])
+    if is_dist(): dist.all_reduce(vec.div_(get_world_size()))
+    values = vec.tolist()
+    return {**dict(zip(keys, values[:-2])), "loss": values[-2], "stop": values[-1] > 0}
+
+def append_jsonl(path: Path, record: dict):
+    with open(path, "a", encoding="utf-8") as f: f.write(json.dumps(record) + "\n")
+
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    "Dotted names of the fields that differ between two `config_to_dict` outputs."
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict): out += config_changes(a, b, f"{prefix}{k}.")
+        elif a != b: out.append(f"{prefix}{k}")
+    return out
+
+def worker_ignores_sigint(worker_id: int):
+    "Loader workers leave Ctrl-C to the main process, which finishes the step and saves."
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+@contextlib.contextmanager
+def stop_on_signals(trainer):
+    "SIGINT/SIGTERM set `trainer._stop`; a second SIGINT raises KeyboardInterrupt at once."
+    def handler(signum, frame):
+        if trainer._stop and signum == signal.SIGINT: raise KeyboardInterrupt
+        trainer._stop = True
+        if is_main_process(): print(f"\n{signal.Signals(signum).name}: stopping after this step (Ctrl-C again to stop now)")
+    try: previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError: previous = {}  # not the main thread: signals stay as they are
+    try: yield
+    finally:
+        for s, h in previous.items(): signal.signal(s, h)
+
+def format_seconds(seconds: float) -> str:
+    "A duration as `1h02m`, `3m05s` or `42s`."
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"

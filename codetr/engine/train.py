@@ -5,12 +5,9 @@
 # %% ../../nbs/engine/73_train.ipynb 3
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
-import resource
-import signal
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -30,38 +27,19 @@ from ..data.coco import collate, build_dataset
 from .checkpoint import (export_safetensors, latest_checkpoint, load_checkpoint, load_start_weights,
                                      remove_stale_temporaries, save_checkpoint)
 from .evaluate import ap_table, evaluate, shard_loader, write_metrics
-from .run_state import (EpochSampler, SeededDataset, build_optimizer, build_scheduler, clip_gradients,
-                                     rng_state, seed_everything, set_rng_state, trim_log)
+from .train_args import check_same_classes, cli_options, train_parser
+from .sharding import (as_full, average_replicated_grads, full_weights, is_sharded, load_training_state,
+                                    shard_model, training_state)
+from .run_state import (EpochSampler, ModelEMA, SeededDataset, append_jsonl, autocast_for, build_optimizer,
+                                     build_scheduler, clip_gradients, config_changes, format_seconds, freeze,
+                                     peak_memory_mb, reduce_terms, rng_state, seed_everything, set_rng_state,
+                                     stop_on_signals, train_mode, trim_log, warmup_factor, worker_ignores_sigint)
 from ..models.config import CoDETRConfig
 from ..models.detector import build_model, total_loss
 from ..models.presets import run_config
 
 # %% auto 0
 __all__ = ['Trainer', 'main']
-
-# %% ../../nbs/engine/73_train.ipynb
-def _autocast(device: torch.device, amp: str | None):
-    if amp is None: return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[amp])
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
-        torch.cuda.reset_peak_memory_stats(device)
-        return round(peak, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # kB on Linux
-
-def _reduce_terms(losses: dict[str, Tensor], total: Tensor, stop: bool) -> dict[str, float]:
-    "Loss terms, total and the stop flag averaged over processes (one all_reduce), as floats."
-    keys = sorted(losses)
-    vec = torch.stack([losses[k].detach().float() for k in keys] + [total.detach().float(),  # (T + 2,)
-                       torch.tensor(float(stop), device=total.device)])
-    if is_dist(): dist.all_reduce(vec.div_(get_world_size()))
-    values = vec.tolist()
-    return {**dict(zip(keys, values[:-2])), "loss": values[-2], "stop": values[-1] > 0}
-
-def _append_jsonl(path: Path, record: dict):
-    with open(path, "a", encoding="utf-8") as f: f.write(json.dumps(record) + "\n")
 
 # %% ../../nbs/engine/73_train.ipynb
 class Trainer:
@@ -84,6 +62,7 @@ class Trainer:
                  progress: bool = True,
                  deterministic: bool = False,
                  find_unused_parameters: bool = False, # DDP option for models whose graph varies
+                 fsdp: bool = False,                # shard with FSDP instead of DDP (under torchrun)
                 ):
         if amp not in (None, "bf16", "fp16"): raise ValueError(f"Trainer: amp={amp!r}, expected None, 'bf16' or 'fp16'")
         if accum_steps < 1: raise ValueError(f"Trainer: accum_steps={accum_steps}, expected >= 1")
@@ -92,14 +71,20 @@ class Trainer:
         self.num_workers, self.checkpoint_interval, self.keep_last = num_workers, checkpoint_interval, keep_last
         self.max_bad_steps, self.val_interval, self.progress = max_bad_steps, val_interval, progress
         seed_everything(seed, deterministic)
-        self.model = (model_factory or build_model)(cfg).to(self.device)
+        if fsdp and (not is_dist() or cfg.optim.ema_momentum):
+            raise ValueError("Trainer: fsdp=True needs torchrun (a process group) and no weight average (ema_momentum=0)")
+        self.model_factory = model_factory or build_model
+        self.model = self.model_factory(cfg).to(self.device)
+        self.frozen = freeze(self.model, cfg.optim.frozen)  # before the optimiser: frozen parameters stay out of it
+        if fsdp: shard_model(self.model)  # the optimiser then holds each process's slices
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
         self.net = self.model
-        if is_dist():
+        if is_dist() and not fsdp:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=find_unused_parameters)
+        self.ema = ModelEMA(self.model, cfg.optim.ema_momentum, cfg.optim.ema_warmup) if cfg.optim.ema_momentum else None
         self.samples = SeededDataset(train_set, seed)
         self.sampler = EpochSampler(len(train_set), seed)
         self.epoch = self.iteration = self.global_step = self.bad_steps = 0
@@ -112,20 +97,16 @@ class Trainer:
     def batches_per_epoch(self) -> int: return math.ceil(self.sampler.num_samples / self.cfg.optim.batch_size)
 
     def base_lr(self) -> float:
-        "Current learning rate of a parameter with multiplier 1."
+        "Learning rate of a parameter with multiplier 1 at the last step (warm-up included)."
         g = self.optimizer.param_groups[0]
-        return g["lr"] / g["lr_mult"]
+        return g["lr"] / g["lr_mult"] * warmup_factor(max(self.global_step - 1, 0), self.cfg.optim)
+
+    def weights(self) -> dict[str, Tensor]:
+        "The weights to evaluate and export: the moving average when the recipe keeps one, else the live weights."
+        if is_sharded(self.model): return full_weights(self.model)  # collective
+        return self.ema.averaged(self.model) if self.ema else self.model.state_dict()
 
 # %% ../../nbs/engine/73_train.ipynb
-def _config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
-    "Dotted names of the fields that differ between two `config_to_dict` outputs."
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict): out += _config_changes(a, b, f"{prefix}{k}.")
-        elif a != b: out.append(f"{prefix}{k}")
-    return out
-
 @patch
 def state_dict(self: Trainer) -> dict:
     "The full training state (collective under torchrun: it gathers every process's RNG states)."
@@ -133,22 +114,27 @@ def state_dict(self: Trainer) -> dict:
     if is_dist():
         rngs = [None] * get_world_size()
         dist.all_gather_object(rngs, rng_state())
-    return {"format": "codetr-train-1", "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+    model, optim = training_state(self.model, self.optimizer) if is_sharded(self.model) else \
+        (self.model.state_dict(), self.optimizer.state_dict())
+    return {"format": "codetr-train-1", "model": model, "optimizer": optim, "optimizer_by_name": is_sharded(self.model),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
             "iteration": self.iteration, "global_step": self.global_step, "bad_steps": self.bad_steps,
             "seed": self.seed, "world_size": get_world_size(), "rng": rngs, "sampler": self.sampler.state_dict(),
-            "config": config_to_dict(self.cfg), **self.classes}
+            "config": config_to_dict(self.cfg), **self.classes, **({"ema": self.ema.state_dict()} if self.ema else {})}
 
 @patch
 def load_state_dict(self: Trainer, state: dict):
     "Restore a state from `state_dict`; this process takes back its own RNG states."
-    self.model.load_state_dict(state["model"])
-    self.optimizer.load_state_dict(state["optimizer"])
+    if state.get("optimizer_by_name"): load_training_state(self.model, self.optimizer, state["model"], state["optimizer"])
+    elif is_sharded(self.model): raise ValueError("a checkpoint written without FSDP cannot resume a sharded run")
+    else: self.model.load_state_dict(state["model"]); self.optimizer.load_state_dict(state["optimizer"])
     self.scheduler.load_state_dict(state["scheduler"])
     if state.get("scaler"): self.scaler.load_state_dict(state["scaler"])
+    if self.ema and "ema" in state: self.ema.load_state_dict(state["ema"])
+    elif self.ema: warnings.warn("the checkpoint has no weight average: it restarts from the current weights")
     self.epoch, self.iteration = state["epoch"], state["iteration"]
     self.global_step, self.bad_steps = state.get("global_step", 0), state.get("bad_steps", 0)
-    changed = _config_changes(state["config"], config_to_dict(self.cfg))
+    changed = config_changes(state["config"], config_to_dict(self.cfg))
     if changed: warnings.warn(f"resuming with a config that differs from the checkpoint's in {changed}")
     if state.get("seed", self.seed) != self.seed:
         warnings.warn(f"resuming a run seeded with {state['seed']} under seed {self.seed}: the data order follows the new seed")
@@ -184,10 +170,11 @@ def _forward_group(self: Trainer, batches: Iterator, group: int) -> tuple[list[d
         batch = next(batches).to(self.device, non_blocking=True)
         data_time += time.perf_counter() - t0
         sync = j == group - 1 or not isinstance(self.net, nn.parallel.DistributedDataParallel)
-        with (contextlib.nullcontext() if sync else self.net.no_sync()), _autocast(self.device, self.amp):
+        if is_sharded(self.model): self.model.set_requires_gradient_sync(j == group - 1)
+        with (contextlib.nullcontext() if sync else self.net.no_sync()), autocast_for(self.device, self.amp):
             losses = self.net(batch.images, batch.targets, pad_mask=batch.pad_mask)
             total = total_loss(losses)
-        log = _reduce_terms(losses, total, self._stop)
+        log = reduce_terms(losses, total, self._stop)
         logs.append(log)
         if not math.isfinite(log["loss"]): bad = True
         if not bad: self.scaler.scale(total / group).backward()
@@ -198,8 +185,9 @@ def _apply_step(self: Trainer, bad: bool) -> float:
     "Clip and step, or skip a non-finite step; returns the gradient norm (nan when skipped)."
     grad_norm = float("nan")
     if not bad:
+        if is_sharded(self.model): average_replicated_grads(self.model)
         self.scaler.unscale_(self.optimizer)
-        grad_norm = float(clip_gradients(self.model.parameters(), self.cfg.optim.clip_max_norm))
+        grad_norm = float(as_full(clip_gradients(self.model.parameters(), self.cfg.optim.clip_max_norm)))
         bad = not math.isfinite(grad_norm) and not self.scaler.is_enabled()
     self._committing = True
     if bad:
@@ -211,7 +199,12 @@ def _apply_step(self: Trainer, bad: bool) -> float:
                                      f"{self.epoch + 1}, iteration {self.iteration}); lower the learning rate, check "
                                      f"the data, or disable amp. Last checkpoint: {latest_checkpoint(self.work_dir)}")
     else:
+        factor = warmup_factor(self.global_step, self.cfg.optim)
+        scheduled = [g["lr"] for g in self.optimizer.param_groups]
+        for g, lr in zip(self.optimizer.param_groups, scheduled): g["lr"] = lr * factor
         self.scaler.step(self.optimizer); self.scaler.update()
+        for g, lr in zip(self.optimizer.param_groups, scheduled): g["lr"] = lr  # the schedule continues from its own rates
+        if self.ema: self.ema.update(self.model)
         self.bad_steps = 0
     self.optimizer.zero_grad(set_to_none=True)
     return grad_norm
@@ -223,16 +216,12 @@ def _log_step(self: Trainer, logs: list[dict], grad_norm: float, seconds: float,
     mean = {k: sum(l[k] for l in logs) / len(logs) for k in keys}
     record = {"mode": "train", "epoch": self.epoch + 1, "iter": self.iteration, "step": self.global_step,
               "lr": self.base_lr(), **mean, "grad_norm": grad_norm, "time": round(seconds, 4),
-              "data_time": round(data_time, 4), "memory_mb": _peak_memory_mb(self.device)}
-    if is_main_process(): _append_jsonl(self.log_path, record)
+              "data_time": round(data_time, 4), "memory_mb": peak_memory_mb(self.device)}
+    if is_main_process(): append_jsonl(self.log_path, record)
     if bar is not None: bar.set_postfix(loss=f"{mean['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
     return record
 
 # %% ../../nbs/engine/73_train.ipynb
-def _worker_ignores_sigint(worker_id: int):
-    "Loader workers leave Ctrl-C to the main process, which finishes the step and saves."
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
 @patch
 def _epoch_loader(self: Trainer) -> torch.utils.data.DataLoader:
     "A loader over this epoch's remaining batches (the sampler starts after the committed ones)."
@@ -242,12 +231,13 @@ def _epoch_loader(self: Trainer) -> torch.utils.data.DataLoader:
     g = torch.Generator().manual_seed(self.seed + self.epoch)  # only draws the workers' base seed
     return torch.utils.data.DataLoader(self.samples, batch_size=bs, sampler=self.sampler, collate_fn=collate,
                                        num_workers=self.num_workers, generator=g, pin_memory=self.device.type == "cuda",
-                                       worker_init_fn=_worker_ignores_sigint if self.num_workers else None)
+                                       worker_init_fn=worker_ignores_sigint if self.num_workers else None)
 
 @patch
 def train_epoch(self: Trainer):
     "Run the rest of the current epoch, then step the schedule and move to the next epoch."
     self.net.train()
+    if self.frozen: train_mode(self.model, self.cfg.optim.frozen)
     n = self.batches_per_epoch
     bar = tqdm(total=n, initial=self.iteration, desc=f"epoch {self.epoch + 1}/{self.cfg.optim.epochs}",
                disable=not (self.progress and is_main_process()), leave=False)
@@ -269,25 +259,14 @@ def train_epoch(self: Trainer):
     bar.close()
     if is_main_process():  # one line per epoch, also for logs streamed from torchrun
         seconds = time.perf_counter() - start
+        left = (self.cfg.optim.epochs - self.epoch - 1) * math.ceil(n / self.accum_steps) * seconds / max(steps, 1)
         print(f"epoch {self.epoch + 1}/{self.cfg.optim.epochs}: {steps} steps, mean loss {loss_sum / max(steps, 1):.4f}, "
-              f"lr {self.base_lr():.2e}, {seconds:.0f} s ({seconds / max(steps, 1):.2f} s/step)", flush=True)
+              f"lr {self.base_lr():.2e}, {format_seconds(seconds)} ({seconds / max(steps, 1):.2f} s/step), "
+              f"{format_seconds(left)} left", flush=True)
     self.scheduler.step()
     self.epoch, self.iteration = self.epoch + 1, 0
 
 # %% ../../nbs/engine/73_train.ipynb
-@contextlib.contextmanager
-def _stop_on_signals(trainer: Trainer):
-    "SIGINT/SIGTERM set the trainer's stop flag; a second SIGINT raises KeyboardInterrupt at once."
-    def handler(signum, frame):
-        if trainer._stop and signum == signal.SIGINT: raise KeyboardInterrupt
-        trainer._stop = True
-        if is_main_process(): print(f"\n{signal.Signals(signum).name}: stopping after this step (Ctrl-C again to stop now)")
-    try: previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    except ValueError: previous = {}  # not the main thread: signals stay as they are
-    try: yield
-    finally:
-        for s, h in previous.items(): signal.signal(s, h)
-
 @patch
 def fit(self: Trainer,
          auto_resume: bool = False,              # continue from the work dir's latest checkpoint if there is one
@@ -301,7 +280,7 @@ def fit(self: Trainer,
     resumed = self.resume(resume_from) if (resume_from or auto_resume) else None
     if resumed is None and is_main_process(): self.log_path.unlink(missing_ok=True)  # a fresh run starts a fresh log
     elif is_main_process(): trim_log(self.log_path, self.global_step)  # the steps after the checkpoint are run again
-    with _stop_on_signals(self):
+    with stop_on_signals(self):
         try:
             while self.epoch < self.cfg.optim.epochs:
                 self.train_epoch()
@@ -326,59 +305,29 @@ def validate(self: Trainer, write: bool = False, batch_size: int | None = None) 
     "COCO AP of the current model on `val_set`; logged, and written to metrics.json when `write`."
     if self.val_set is None: raise ValueError("Trainer.validate: no val_set was given")
     loader = shard_loader(self.val_set, batch_size or self.cfg.optim.batch_size, self.num_workers)
-    metrics, results = evaluate(self.model, loader, self.val_set, self.device, progress=self.progress)
+    model = self.model
+    if is_sharded(model):  # an unsharded copy: each process evaluates its share of the images
+        model = self.model_factory(self.cfg).to(self.device); model.load_state_dict(self.weights())
+    with self.ema.swapped_in(model) if self.ema else contextlib.nullcontext():
+        metrics, results = evaluate(model, loader, self.val_set, self.device, progress=self.progress)
     if is_main_process():
-        _append_jsonl(self.log_path, {"mode": "val", "epoch": self.epoch, "step": self.global_step,
+        append_jsonl(self.log_path, {"mode": "val", "epoch": self.epoch, "step": self.global_step,
                                       **{k: v for k, v in metrics.items() if k != "per_class_AP"}})
         if write: write_metrics(self.work_dir, {**metrics, "epoch": self.epoch}, results)
     return metrics
 
 # %% ../../nbs/engine/73_train.ipynb
-def _train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m codetr.engine.train", description="Train Co-DETR on a COCO-format data set.")
-    p.add_argument("preset", help="config preset, e.g. co_deformable_detr_tiny or co_deformable_detr_r50_1x_coco")
-    for split in ("train", "val"):
-        p.add_argument(f"--{split}-images", help=f"{split} image folder (synthetic set when absent)")
-        p.add_argument(f"--{split}-ann", help=f"{split} COCO annotation file")
-    p.add_argument("--work-dir", help="run folder (default: work_dirs/<preset>)")
-    p.add_argument("--auto-resume", action="store_true", help="continue from the run folder's latest checkpoint")
-    p.add_argument("--resume", help="continue from this checkpoint")
-    p.add_argument("--load-from", help="start from these weights (official file, .safetensors or a run's checkpoint)")
-    p.add_argument("--no-validate", action="store_true", help="skip the evaluation after training")
-    p.add_argument("--epochs", type=int, help="override optim.epochs")
-    p.add_argument("--batch-size", type=int, help="images per process (override optim.batch_size)")
-    p.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimiser step")
-    p.add_argument("--amp", nargs="?", const="bf16", choices=["bf16", "fp16"], help="autocast (bf16 when no value)")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--deterministic", action="store_true", help="ask for deterministic kernels")
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--checkpoint-interval", type=int, default=0, help="also save every N steps")
-    p.add_argument("--keep-last", type=int, default=3, help="checkpoints kept (0: all)")
-    p.add_argument("--val-interval", type=int, default=0, help="validate every N epochs (0: only at the end)")
-    p.add_argument("--find-unused-parameters", action="store_true", help="DDP option")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--cfg-options", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=1e-4")
-    return p
-
-def _check_same_classes(train_set, val_set):
-    if val_set is not None and val_set.label_to_cat_id != train_set.label_to_cat_id:
-        raise ValueError(f"the validation categories of {val_set.ann_file} (ids {val_set.label_to_cat_id[:20]}) differ "
-                         f"from the training categories of {train_set.ann_file} (ids {train_set.label_to_cat_id[:20]})")
-
 def main(argv: Sequence[str] | None = None,
          model_factory: Callable[[CoDETRConfig], nn.Module] | None = None, # default: codetr.models.detector.build_model
         ) -> dict | None:
     "Command line: train, then evaluate on the validation set; returns the metrics (None with --no-validate)."
-    args = _train_parser().parse_args(argv)
+    args = train_parser().parse_args(argv)
     joined = not is_dist()  # we join torchrun's group here, so we leave it at the end
     device = init_device(args.device)
-    options = list(args.cfg_options) + [f"optim.epochs={args.epochs}"] * (args.epochs is not None) \
-              + [f"optim.batch_size={args.batch_size}"] * (args.batch_size is not None)
-    cfg = run_config(args.preset, options)
+    cfg = run_config(args.preset, cli_options(args))
     train_set = build_dataset("train", args.train_images, args.train_ann, aug=cfg.aug)
     val_set = None if args.no_validate else build_dataset("val", args.val_images, args.val_ann, aug=cfg.aug)
-    _check_same_classes(train_set, val_set)
+    check_same_classes(train_set, val_set)
     cfg = override(cfg, num_classes=train_set.num_classes)
     if args.load_from: cfg = cfg.without_pretrained()  # the file has the backbone's weights
     trainer = Trainer(cfg, train_set, args.work_dir or Path("work_dirs") / args.preset, val_set=val_set,
@@ -386,11 +335,12 @@ def main(argv: Sequence[str] | None = None,
                       accum_steps=args.accum_steps, num_workers=args.num_workers,
                       checkpoint_interval=args.checkpoint_interval, keep_last=args.keep_last,
                       val_interval=args.val_interval, progress=not args.no_progress, deterministic=args.deterministic,
-                      find_unused_parameters=args.find_unused_parameters)
+                      find_unused_parameters=args.find_unused_parameters, fsdp=args.fsdp)
     if args.load_from: load_start_weights(trainer.model, args.load_from, cfg)  # a resumed run's checkpoint wins
     trainer.fit(auto_resume=args.auto_resume, resume_from=args.resume)
+    weights = trainer.weights()  # collective under FSDP
     if is_main_process():
-        export_safetensors(trainer.model.state_dict(), trainer.work_dir / "model.safetensors",
+        export_safetensors(weights, trainer.work_dir / "model.safetensors",
                            metadata={"config": config_to_dict(cfg), **trainer.classes})
     metrics = None if val_set is None else trainer.validate(write=True)
     if metrics is not None and is_main_process(): print(ap_table(metrics))

@@ -34,6 +34,18 @@ class OptimConfig(Config):
     lr_steps: tuple[int, ...] = (11,)           # multiply the lr by `lr_gamma` after these epochs
     lr_gamma: float = 0.1
     batch_size: int = 2                         # images per process (the official run: 2 x 8 GPUs)
+    warmup_iters: int = 0                       # linear warm-up over the first steps (0: none; the ViT-L recipe: 500)
+    warmup_ratio: float = 0.001                 # the warm-up's first learning rate, as a fraction of the scheduled one
+    layer_decay: float = 1.0                    # layer-wise lr decay over a ViT's blocks (1: off; the ViT-L recipe: 0.8)
+    ema_momentum: float = 0.0                   # weight of the current weights in their moving average (0: no EMA)
+    ema_warmup: int = 2000                      # steps over which the EMA's momentum decays from ~1 to `ema_momentum`
+    frozen: tuple[str, ...] = ()                # parameter-name prefixes kept fixed, e.g. ("backbone",)
+
+    def __post_init__(self):
+        if not 0 < self.layer_decay <= 1: raise ValueError(f"OptimConfig.layer_decay={self.layer_decay}: expected in (0, 1]")
+        if not 0 <= self.ema_momentum < 1: raise ValueError(f"OptimConfig.ema_momentum={self.ema_momentum}: expected in [0, 1)")
+        if self.warmup_iters < 0: raise ValueError(f"OptimConfig.warmup_iters={self.warmup_iters}: expected >= 0")
+        if isinstance(self.frozen, str): raise TypeError(f"OptimConfig.frozen={self.frozen!r}: expected a tuple of prefixes")
 
 # %% ../../nbs/models/60_config.ipynb
 _PARTS = {"backbone": BackboneConfig, "neck": NeckConfig, "query_head": QueryHeadConfig, "aug": AugmentationConfig}

@@ -34,7 +34,8 @@ def co_dino_5scale_vit_large_coco(num_classes: int = 80) -> CoDETRConfig:
                                     num_dn_queries=300, box_noise=0.4, test_top_k=1000, postprocess="sensex",
                                     nms_iou=0.8),
         aux_heads=(RPNRoIHeadConfig(roi=VIT_CONVFC_ROI), ATSSHeadConfig()),
-        optim=OptimConfig(lr=5e-5, weight_decay=0.01, lr_mult=(), epochs=12, lr_steps=(7,), batch_size=1),
+        optim=OptimConfig(lr=5e-5, weight_decay=0.01, lr_mult=(), epochs=12, lr_steps=(7,), batch_size=1,
+                          warmup_iters=500, warmup_ratio=0.01, layer_decay=0.8, ema_momentum=1e-4),
         aug=AugConfig(scales=tuple(range(480, 1537, 32)), max_size=2400, test_scale=1280, test_max_size=2048))
 
 # %% ../../nbs/models/65_vit.ipynb

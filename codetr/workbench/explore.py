@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Collection, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,9 +30,10 @@ from ..ops.box_ops import box_cxcywh_to_xyxy
 from ..ops.msda import MSDeformAttn, shapes_tensor
 
 # %% auto 0
-__all__ = ['Panel', 'open_dataset', 'explorer_model', 'ImageView', 'gt_view', 'class_counts', 'detect', 'filter_detections',
-           'Assignments', 'head_assignments', 'axes_grid', 'show_assignments', 'SamplingRecord', 'capture_sampling',
-           'DecoderSampling', 'decoder_sampling', 'show_sampling']
+__all__ = ['Panel', 'DPI', 'TITLE_PT', 'open_dataset', 'explorer_model', 'ImageView', 'gt_view', 'class_counts', 'detect',
+           'filter_detections', 'Assignments', 'head_assignments', 'wrap_text', 'axes_grid', 'show_assignments',
+           'SamplingRecord', 'capture_sampling', 'DecoderSampling', 'decoder_sampling', 'sampling_title',
+           'show_sampling']
 
 # %% ../../nbs/workbench/80_explore.ipynb
 def open_dataset(img_folder: str | Path | None = None, # image folder; the synthetic validation set when None
@@ -166,28 +168,76 @@ def head_assignments(model: CoDETR, dataset: CocoDetection, index: int, seed: in
                        [tuple(p.shape[-2:]) for p in pyramid])
 
 # %% ../../nbs/workbench/80_explore.ipynb
-def axes_grid(n: int, ncols: int, cell: float) -> tuple[Figure, list]:
-    "A figure with `n` axes in rows of `ncols`, each `cell` inches square (also used by `codetr.workbench.widgets`)."
+DPI = 100                # figure pixels per inch: the explorers show each PNG at its own size
+TITLE_PT = 9             # panel titles in points (12.5 px at DPI); a figure title is one point larger
+_GAP_PX, _PAD_PX = 10, 6 # between panels; around the figure
+_TITLE_PAD_PT = 6        # between a panel and its title (matplotlib's default `axes.titlepad`)
+
+def _text_px(fig: Figure, text: str, size: float) -> tuple[float, float]:
+    "Width and height in pixels of `text` at `size` points on `fig`, measured with its Agg renderer."
+    t = fig.text(0, 0, text, fontsize=size)
+    box = t.get_window_extent(fig.canvas.get_renderer())
+    t.remove()
+    return box.width, box.height
+
+def wrap_text(fig: Figure, text: str, width_px: float, size: float = TITLE_PT) -> str:
+    "`text` with each line broken at spaces to fit `width_px` at `size` points (a longer word stays whole)."
+    lines = []
+    for para in text.split("\n"):
+        line = ""
+        for word in para.split(" "):
+            wider = f"{line} {word}" if line else word
+            if line and _text_px(fig, wider, size)[0] > width_px:
+                lines.append(line)
+                wider = word
+            line = wider
+        lines.append(line)
+    return "\n".join(lines)
+
+def _block_px(fig: Figure, texts: Sequence[str], size: float, pad_px: float) -> int:
+    "Pixels to reserve for the tallest of `texts` and `pad_px` under it (0 without texts)."
+    return math.ceil(max(_text_px(fig, t, size)[1] for t in texts) + pad_px) if texts else 0
+
+def axes_grid(n: int, ncols: int, cell: float,  # `n` panels in rows of `ncols`, each `cell` inches square
+              titles: Sequence[str] = (),       # a title per panel (the first ones), wrapped to the panel's width
+              suptitle: str | None = None,      # a title over the whole figure
+             ) -> tuple[Figure, list]:
+    "A figure at `DPI` with `n` square axes and room above each row for its tallest title (also used by the widgets)."
     ncols = max(1, min(ncols, n))
-    nrows = -(-n // ncols)
-    fig = Figure(figsize=(cell * ncols, cell * nrows), dpi=80)
+    nrows, cell_px = -(-n // ncols), round(cell * DPI)
+    width = ncols * cell_px + (ncols - 1) * _GAP_PX + 2 * _PAD_PX
+    fig = Figure(figsize=(width / DPI, 1), dpi=DPI)
     FigureCanvasAgg(fig)
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.88, wspace=0.05, hspace=0.3)
-    axes = [fig.add_subplot(nrows, ncols, i + 1) for i in range(n)]
+    titles = [wrap_text(fig, t, cell_px) for t in titles]
+    sup = [wrap_text(fig, suptitle, width - 2 * _PAD_PX, TITLE_PT + 1)] if suptitle else []
+    row = cell_px + _block_px(fig, titles, TITLE_PT, _TITLE_PAD_PT * DPI / 72)
+    top = _PAD_PX + _block_px(fig, sup, TITLE_PT + 1, _GAP_PX)
+    height = top + nrows * row + (nrows - 1) * _GAP_PX + _PAD_PX
+    fig.set_size_inches(width / DPI, height / DPI)
+    axes = []
+    for i in range(n):
+        r, c = divmod(i, ncols)
+        left, bottom = _PAD_PX + c * (cell_px + _GAP_PX), height - top - r * (row + _GAP_PX) - row
+        axes.append(fig.add_axes((left / width, bottom / height, cell_px / width, cell_px / height)))
+        if i < len(titles): axes[i].set_title(titles[i], fontsize=TITLE_PT, pad=_TITLE_PAD_PT)
+    if sup: fig.suptitle(sup[0], fontsize=TITLE_PT + 1, y=1 - _PAD_PX / height, va="top")
     return fig, axes
+
+def _panel_title(p: Panel) -> str:
+    "The head, its positives counted in words, and its note."
+    n = len(p.labels)
+    return f"{p.title}\n{n} box{'' if n == 1 else 'es'}; {p.note}"
 
 def show_assignments(asg: Assignments, panels: Sequence[str] | None = None, # which panels (default all)
                      class_names: Sequence[str] | None = None, ncols: int = 3, cell: float = 3.0) -> Figure:
     "The chosen heads' positives on the image, one panel per head."
     keys = [k for k in (panels or list(asg.panels)) if k in asg.panels]
-    fig, axes = axes_grid(max(len(keys), 1), ncols, cell)
+    fig, axes = axes_grid(max(len(keys), 1), ncols, cell, [_panel_title(asg.panels[k]) for k in keys])
     for ax, key in zip(axes, keys):
         p = asg.panels[key]
         ax.imshow(asg.image)
         draw_boxes(ax, asg.gt_boxes_xyxy, asg.gt_labels, show_text=False)
         draw_boxes(ax, p.boxes_xyxy, p.labels, linestyle="--", show_text=False)
-        n = len(p.labels)
-        ax.set_title(f"{p.title}\n{n} box{'' if n == 1 else 'es'}; {p.note}", fontsize=7)
         ax.set_axis_off()
     if not keys: axes[0].set_axis_off()
     return fig
@@ -267,18 +317,27 @@ def decoder_sampling(model: CoDETR, dataset: CocoDetection, index: int) -> Decod
                            list(model.neck.strides[:L]), scores.cpu(), labels.cpu(), boxes)
 
 # %% ../../nbs/workbench/80_explore.ipynb
+def sampling_title(samp: DecoderSampling, layer: int, query: int, class_names: Sequence[str] | None = None) -> str:
+    "One line naming the view: layer, query, the query's class and score."
+    name = class_names[int(samp.labels[query])] if class_names else str(int(samp.labels[query]))
+    return f"layer {layer}, query {query}: {name} {float(samp.scores[query]):.2f}"
+
 def show_sampling(samp: DecoderSampling, layer: int, query: int, class_names: Sequence[str] | None = None,
-                  cell: float = 3.0) -> Figure:
+                  cell: float = 2.25,   # inches per level panel
+                  title: bool = True,   # draw `sampling_title` over the panels
+                 ) -> Figure:
     "One decoder query's sampling points and weights on each level, over the input image."
     if not 0 <= layer < samp.num_layers: raise IndexError(f"layer {layer} out of range (0..{samp.num_layers - 1})")
     if not 0 <= query < samp.num_queries: raise IndexError(f"query {query} out of range (0..{samp.num_queries - 1})")
     L, M = samp.spatial_shapes.shape[0], samp.weights.shape[2]
-    fig, axes = axes_grid(L, L, cell)
+    views = [samp.points(layer, query, level) for level in range(L)]  # (xy, weights, heads) per level
+    titles = [f"level {l} (stride {samp.strides[l]})\n{100 * float(v[1].sum()) / M:.0f}% of the attention"
+              for l, v in enumerate(views)]
+    fig, axes = axes_grid(L, L, cell, titles, sampling_title(samp, layer, query, class_names) if title else None)
     h, w = samp.image.shape[:2]
     ref = box_cxcywh_to_xyxy(samp.references_cxcywh[layer, query]) * torch.tensor([w, h, w, h])  # (4,)
     colors = [class_color(2 * m + 1) for m in range(M)]
-    for level, ax in enumerate(axes):
-        xy, wts, heads = samp.points(layer, query, level)
+    for (xy, wts, heads), ax in zip(views, axes):
         ax.imshow(samp.image)
         x1, y1, x2, y2 = ref.tolist()
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="white", linestyle="--", linewidth=1))
@@ -286,9 +345,5 @@ def show_sampling(samp: DecoderSampling, layer: int, query: int, class_names: Se
         ax.scatter(xy[:, 0], xy[:, 1], s=(400 * wts).clamp(min=2), c=[colors[int(m)] for m in heads],
                    edgecolors="black", linewidths=0.3)
         ax.set_xlim(0, w); ax.set_ylim(h, 0)
-        share = float(wts.sum()) / M
-        ax.set_title(f"level {level} (stride {samp.strides[level]}): {100 * share:.0f}% of the attention", fontsize=7)
         ax.set_axis_off()
-    name = class_names[int(samp.labels[query])] if class_names else str(int(samp.labels[query]))
-    fig.suptitle(f"layer {layer}, query {query}: {name} {float(samp.scores[query]):.2f}", fontsize=8)
     return fig

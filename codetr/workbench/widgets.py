@@ -9,13 +9,15 @@ import html
 import io
 from collections.abc import Sequence
 
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from ..data.coco import CocoDetection
 from .explore import (Assignments, DecoderSampling, axes_grid, class_counts, decoder_sampling, detect,
-                            filter_detections, gt_view, head_assignments, show_assignments, show_sampling)
+                            filter_detections, gt_view, head_assignments, sampling_title, show_assignments,
+                            show_sampling)
 from ..models.detector import CoDETR
 from ..data.viz import draw_boxes
 
@@ -29,18 +31,22 @@ def _widgets():
     except ImportError as e: raise ImportError("the explorers need ipywidgets: pip install ipywidgets jupyterlab") from e
     return ipywidgets
 
-def _render(fig: Figure) -> bytes:
-    "PNG bytes of a figure (Agg, no display needed)."
+def _render(fig: Figure) -> tuple[bytes, tuple[int, int]]:
+    "PNG bytes of a figure (Agg, no display needed) and its (width, height) in pixels."
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
     buf = io.BytesIO()
-    (fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)).print_png(buf)
-    return buf.getvalue()
+    canvas.print_png(buf)
+    h, w = np.asarray(canvas.buffer_rgba()).shape[:2]  # the raster just written
+    return buf.getvalue(), (w, h)
 
 class Explorer:
     "Controls, a caption and a rendered figure; `render` runs whenever a control's value changes."
     def __init__(self, controls: Sequence):
         widgets = _widgets()
         self.controls = list(controls)
-        self.caption, self.image = widgets.HTML(), widgets.Image(format="png")
+        self.caption = widgets.HTML()
+        # natural size: a VBox stretches a child without a width to its own width; shrink in a narrow window only
+        self.image = widgets.Image(format="png", layout=widgets.Layout(max_width="100%", height="auto"))
         self.state: dict = {}
         self.renders = 0
         for c in self.controls: c.observe(self._changed, names="value")
@@ -53,7 +59,9 @@ class Explorer:
     def render(self) -> Explorer:
         "Draw the current view into the image widget and update `state` and the caption."
         fig, state = self.draw()
-        self.image.value = _render(fig)
+        png, (w, _) = _render(fig)
+        self.image.layout.width = f"{w}px"
+        self.image.value = png
         self.state, self.figure = state, fig
         self.caption.value = f"<b>{html.escape(state.get('title', ''))}</b>"
         self.renders += 1
@@ -147,7 +155,7 @@ class AssignmentExplorer(Explorer):
 # %% ../../nbs/workbench/81_widgets.ipynb
 class SamplingExplorer(Explorer):
     "One decoder query's sampling points and attention weights on each feature level."
-    def __init__(self, model: CoDETR, dataset: CocoDetection, cell: float = 3.0):
+    def __init__(self, model: CoDETR, dataset: CocoDetection, cell: float = 2.25):
         self.model, self.dataset, self.cell, self._cache = model, dataset, cell, {}
         self.index, widgets = _index_slider(dataset), _widgets()
         samp = self.sampling(0)
@@ -179,8 +187,8 @@ class SamplingExplorer(Explorer):
         self.best.value = self.query.value = options[0][1]  # a new image starts at its best query
 
     def draw(self) -> tuple[Figure, dict]:
-        samp = self.sampling(self.index.value)
-        fig = show_sampling(samp, self.layer.value, self.query.value, self.dataset.class_names, self.cell)
+        samp, layer, query = self.sampling(self.index.value), self.layer.value, self.query.value
+        fig = show_sampling(samp, layer, query, self.dataset.class_names, self.cell, title=False)  # the caption says it
         points = sum(len(c.get_offsets()) for ax in fig.axes for c in ax.collections)
-        return fig, {"title": fig._suptitle.get_text(), "index": self.index.value, "layer": self.layer.value,
-                     "query": self.query.value, "points": points}
+        return fig, {"title": sampling_title(samp, layer, query, self.dataset.class_names), "index": self.index.value,
+                     "layer": layer, "query": query, "points": points}

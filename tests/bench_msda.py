@@ -1,19 +1,23 @@
 """Benchmark of multi-scale deformable attention: our paths against the grid_sample reference, in one run.
 
 CPU: the gather path (backend="cpu") vs the reference (and vs transformers' MultiScaleDeformableAttention when
-that package is installed) at an encoder-like shape: B=2, levels 64x64, 32x32, 16x16, 8x8, Q=S, M=8, D=32, P=4.
-Prints forward and forward+backward times (best of --repeats), their ratios, and the peak memory each needs
-(tensor memory allocated during one forward+backward, from the profiler).
+that package is installed) at encoder-like shapes, B=2, Q=S, M=8, D=32, P=4, chosen with --shapes:
+  encoder       levels 64x64, 32x32, 16x16, 8x8 (4 levels, Co-Deformable-DETR's strides 8 to 64 at 512x512)
+  co_dino_512   levels 64x64, 32x32, 16x16, 8x8, 4x4 (Co-DINO's 5 levels, strides 8 to 128, at 512x512)
+  co_dino_1024  levels 128x128, 64x64, 32x32, 16x16, 8x8 (the same at 1024x1024: about 4x the work)
+Prints forward and forward+backward times (the median of --repeats rounds in which the backends take turns), their
+ratios, and the peak memory each needs (tensor memory allocated during one forward+backward, from the profiler).
 
 GPU (when the CUDA path is usable): the CuPy kernels vs the reference at the Co-Deformable-DETR encoder shape
 (B=2, levels 100x152, 50x76, 25x38, 13x19), with CUDA-event timings, peak allocated memory, and the time against a
 bandwidth bound: the bytes the op must read and write, at the bandwidth of a large device-to-device copy.
 
-Usage: python tests/bench_msda.py [--repeats 5] [--threads N] [--skip-cpu] [--skip-gpu]
+Usage: python tests/bench_msda.py [--repeats 5] [--threads N] [--shapes encoder co_dino_512] [--skip-cpu] [--skip-gpu]
 """
 import argparse
 import functools
 import importlib.util
+import statistics
 import time
 
 import torch
@@ -22,6 +26,8 @@ from codetr.ops.cuda import cuda_available, cuda_unavailable_reason
 from codetr.ops.msda import ms_deform_attn
 
 CPU_LEVELS = ((64, 64), (32, 32), (16, 16), (8, 8))
+CPU_SHAPES = {"encoder": CPU_LEVELS, "co_dino_512": CPU_LEVELS + ((4, 4),),
+              "co_dino_1024": ((128, 128), (64, 64), (32, 32), (16, 16), (8, 8))}
 GPU_LEVELS = ((100, 152), (50, 76), (25, 38), (13, 19))
 
 
@@ -72,15 +78,15 @@ def run_once(backend, inputs, backward):
 
 
 def time_cpu(backends, inputs, backward, repeats):
-    "Best time per backend; the backends take turns in every round, so a busy machine slows them alike."
-    best = {b: float("inf") for b in backends}
+    "Median time per backend; the backends take turns in every round, so a busy machine slows them alike."
+    times = {b: [] for b in backends}
     for b in backends: run_once(b, inputs, backward)  # warm-up
     for _ in range(repeats):
         for b in backends:
             t0 = time.perf_counter()
             run_once(b, inputs, backward)
-            best[b] = min(best[b], time.perf_counter() - t0)
-    return best
+            times[b].append(time.perf_counter() - t0)
+    return {b: statistics.median(t) for b, t in times.items()}
 
 
 def peak_cpu_memory(backend, inputs):
@@ -95,11 +101,12 @@ def peak_cpu_memory(backend, inputs):
     return peak / 2**20
 
 
-def bench_cpu(repeats):
-    inputs = make_inputs(CPU_LEVELS)
+def bench_cpu(name, repeats):
+    levels = CPU_SHAPES[name]
+    inputs = make_inputs(levels)
     S = inputs[0].shape[1]
-    print(f"CPU ({torch.get_num_threads()} threads), float32, B=2, levels {CPU_LEVELS}, Q=S={S}, M=8, D=32, P=4; "
-          f"best of {repeats}")
+    print(f"CPU {name} ({torch.get_num_threads()} threads), float32, B=2, levels {levels}, Q=S={S}, M=8, D=32, P=4; "
+          f"median of {repeats}")
     backends = ["reference", "cpu"] + (["transformers"] if transformers_fn() is not None else [])
     if "transformers" not in backends: print("  transformers is not installed: skipping that comparison")
     fwd, fwd_bwd = time_cpu(backends, inputs, False, repeats), time_cpu(backends, inputs, True, repeats)
@@ -162,11 +169,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--shapes", nargs="+", choices=sorted(CPU_SHAPES), default=["encoder", "co_dino_512"])
     parser.add_argument("--skip-cpu", action="store_true")
     parser.add_argument("--skip-gpu", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if not args.skip_cpu: bench_cpu(args.repeats)
+    if not args.skip_cpu:
+        for name in args.shapes: bench_cpu(name, args.repeats)
     if args.skip_gpu: return
     if cuda_available(): bench_gpu(args.repeats)
     else: print(f"GPU part skipped: {cuda_unavailable_reason()}")

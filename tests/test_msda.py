@@ -85,8 +85,11 @@ def test_gather_float32(B, Q):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
 
 
-def test_gather_gradcheck():
-    value, shapes, starts, locs, weights = make_inputs(B=1, Q=3, M=2, D=2, P=2, hw=((3, 4), (1, 2)))
+@pytest.mark.parametrize("Q,hw", [(3, ((3, 4), (1, 2))), (1, ((3, 4), (1, 2))),
+                                  (3, ((4, 3), (2, 2), (2, 1), (1, 1), (1, 2)))])
+def test_gather_gradcheck(Q, hw):
+    "gradcheck with sorted gathers (Q=3: entries outnumber the table rows) and with one scatter (Q=1), 2 and 5 levels."
+    value, shapes, starts, locs, weights = make_inputs(B=1, Q=Q, M=2, D=2, P=2, hw=hw)
     leaves = [t.requires_grad_() for t in (value, locs, weights)]
     fn = lambda v, l, w: ms_deform_attn_gather(v, shapes, starts, l, w)
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6)
@@ -104,8 +107,8 @@ def test_gather_equals_reference_property(B, Q, M, D, P, hw, seed):
 @pytest.mark.parametrize("chunk", [1, 37, 1 << 20])
 @pytest.mark.parametrize("Q,hw", [(6, ((4, 6), (3, 2), (1, 1))), (1, ((20, 30), (9, 7)))])
 def test_gather_chunks_and_scatter_layouts_agree_with_reference(monkeypatch, chunk, Q, hw):
-    "Any chunk size (down to one bag per chunk), and both layouts of the value gradient (many entries per table row,"
-    " then few), give the reference's values and gradients."
+    "Any chunk size (down to one bag per chunk), and both ways to the value gradient (sorted gathers when entries"
+    " outnumber the table rows, then one scatter), give the reference's values and gradients."
     import codetr.ops.msda as msda
     monkeypatch.setattr(msda, "_CHUNK", chunk)
     inputs = make_inputs(B=2, Q=Q, M=2, D=5, P=3, hw=hw, seed=chunk)
@@ -116,16 +119,21 @@ def test_gather_chunks_and_scatter_layouts_agree_with_reference(monkeypatch, chu
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("by_channel,block", [(True, 1), (True, 7), (True, 1 << 15), (False, 1 << 15)])
-def test_scatter_rows_equals_index_add(by_channel, block):
-    from codetr.ops.msda import _scatter_rows
-    g = torch.Generator().manual_seed(block)
-    rows, weights = torch.randint(0, 9, (5, 4), generator=g), torch.rand(5, 4, generator=g, dtype=torch.float64)
-    grad_out = torch.randn(5, 3, generator=g, dtype=torch.float64)
-    expected = torch.zeros(9, 3, dtype=torch.float64).index_add_(0, rows.flatten(), (weights[..., None] * grad_out[:, None]).view(-1, 3))
-    table = torch.zeros(3, 9, dtype=torch.float64) if by_channel else torch.zeros(9, 3, dtype=torch.float64)
-    _scatter_rows(table, grad_out, rows, weights, by_channel, block=block)
-    torch.testing.assert_close(table.t() if by_channel else table, expected, rtol=0, atol=1e-14)
+@pytest.mark.parametrize("Q", [1, 40])
+def test_splat_corners_equals_index_add(Q):
+    "The sorted gathers of the value gradient equal a plain scatter of every corner into the padded table."
+    from codetr.ops.msda import _chunk_geometry, _pad_levels, _padded_grid, _splat_corners, _unpad_levels
+    value, shapes, starts, locs, weights = make_inputs(B=2, Q=Q, M=3, D=4, P=2, hw=((4, 6), (3, 2), (1, 1)), spill=0.5)
+    (B, S, M, D), (L, P), hw = value.shape, locs.shape[3:5], [tuple(s) for s in shapes.tolist()]
+    grid = _padded_grid(hw, B, Q, M, P, value.dtype, value.device)
+    rows, corner_w = _chunk_geometry(grid, locs.reshape(-1, L * P, 2), weights.reshape(-1, L * P), 0, B * Q * M)[:2]
+    grad_out = torch.randn(B * Q * M, D, dtype=torch.float64)
+    R = _pad_levels(value, hw).shape[1] * B * M
+    table = torch.zeros(R, D, dtype=torch.float64).index_add_(
+        0, rows.flatten(), (corner_w.flatten(1)[..., None] * grad_out[:, None]).view(-1, D))
+    expected = _unpad_levels(torch.empty_like(value), table, hw)
+    keys, cw = rows[:, 0, 0].contiguous(), corner_w.flatten(1, 2).transpose(0, 1).contiguous()  # (N, LP), (4, N, LP)
+    torch.testing.assert_close(_splat_corners(grad_out, keys, cw, hw, value.shape, R), expected, rtol=0, atol=1e-13)
 
 
 def test_batched_equals_one_by_one():
@@ -273,6 +281,34 @@ def test_module_gradients_match_the_reference_backend():
             grads.setdefault(backend, []).append((out.detach(), *torch.autograd.grad(out.square().sum(), leaves)))
     for ours, ref in zip(grads["cpu"], grads["reference"]):
         for a, b in zip(ours, ref): torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("queries", ["encoder", 2])
+def test_module_five_levels_with_padding_gradients_match_reference(queries):
+    "Co-DINO's five levels with one image padded right and below: the reference path's values and gradients, for an"
+    " encoder (Q = S, sorted gathers) and a two-query decoder (one scatter)."
+    torch.manual_seed(0)
+    hw = ((16, 12), (8, 6), (4, 3), (2, 2), (1, 1))
+    shapes = torch.tensor(hw)
+    starts = torch.cat([shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]])
+    pad = torch.zeros(2, int(shapes.prod(1).sum()), dtype=torch.bool)  # (B, S) True = padding
+    for (h, w), start in zip(hw, starts.tolist()):
+        level = torch.ones(h, w, dtype=torch.bool)
+        level[:max(1, h * 3 // 4), :max(1, w // 2)] = False  # image 1 fills the top-left of the padded canvas
+        pad[1, start:start + h * w] = level.flatten()
+    attn = MSDeformAttn(32, 4, 5, 4, dropout=0.0).double()
+    torch.nn.init.normal_(attn.sampling_offsets.weight, std=0.1)
+    torch.nn.init.normal_(attn.attention_weights.weight, std=0.1)
+    memory = torch.randn(2, pad.shape[1], 32, dtype=torch.float64, requires_grad=True)
+    query = memory if queries == "encoder" else torch.randn(2, queries, 32, dtype=torch.float64, requires_grad=True)
+    ref = torch.rand(2, query.shape[1], 5, 2, dtype=torch.float64) * torch.tensor([[1.0, 1.0], [0.5, 0.75]]).view(2, 1, 1, 2)
+    results = []
+    for backend in ("cpu", "reference"):
+        attn.backend = backend
+        out = attn(query, ref, memory, shapes, starts, pad_mask=pad)
+        leaves = [memory] + ([] if queries == "encoder" else [query]) + list(attn.parameters())
+        results.append((out.detach(), *torch.autograd.grad(out.square().sum(), leaves)))
+    for a, b in zip(*results): torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 def test_module_all_false_pad_mask_equals_no_mask():

@@ -132,7 +132,7 @@ def inference(model: nn.Module,              # detector following the model inte
     model.eval()
     results = []
     try:
-        with torch.no_grad():
+        with torch.inference_mode():  # no autograd bookkeeping at all (outputs are never trained on)
             for batch in tqdm(data_loader, desc="eval", disable=not (progress and is_main_process()), leave=False):
                 batch = batch.to(device)
                 outputs = model(batch.images, batch.targets, pad_mask=batch.pad_mask)

@@ -129,7 +129,7 @@ class Predictor:
         x = x.as_subclass(Tensor)  # (3, h, w) float, normalised
         return x, {"img_size": tuple(t.get("img_size", x.shape[-2:])), "orig_size": tuple(raw.shape[-2:])}
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(self, images: Sequence) -> list[dict[str, Tensor]]:
         "Detections per image: boxes (N, 4) xyxy in the image's pixels, scores (N,), labels (N,)."
         prepared = [self.prepare(im) for im in images]

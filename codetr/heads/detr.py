@@ -79,12 +79,12 @@ def match_targets(logits: Tensor,                # (B, Q, K)
     matches = hungarian_match_batch(logits.detach(), boxes_cxcywh.detach(), gt_labels, gt_boxes_cxcywh, img_sizes,
                                     **match_weights)
     labels = torch.full((B, Q), num_classes, dtype=torch.long, device=logits.device)  # (B, Q)
-    box_targets = boxes_cxcywh.new_zeros(B, Q, 4)  # (B, Q, 4)
+    box_targets = boxes_cxcywh.new_zeros(B, Q, 4, dtype=torch.promote_types(boxes_cxcywh.dtype, torch.float32))  # (B, Q, 4)
     for b, m in enumerate(matches):
         pos = m.gt_inds > 0  # (Q,)
         gt = m.gt_inds[pos] - 1
         labels[b, pos] = gt_labels[b].to(logits.device)[gt]
-        box_targets[b, pos] = gt_boxes_cxcywh[b][gt]
+        box_targets[b, pos] = gt_boxes_cxcywh[b][gt].to(box_targets.dtype)
     box_weights = (labels < num_classes).to(boxes_cxcywh.dtype)[..., None].expand(B, Q, 4)  # (B, Q, 4)
     return labels, torch.ones_like(labels, dtype=logits.dtype), box_targets, box_weights
 

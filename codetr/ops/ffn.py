@@ -19,7 +19,8 @@ _FFN_BLOCK = 2048  # tokens per block: a (2048, 2048) hidden block is 16 MB
 def residual_ffn(x: Tensor, # (..., C) tokens
                  linear1: nn.Linear, linear2: nn.Linear, dropout1: nn.Dropout, dropout2: nn.Dropout) -> Tensor: # (..., C)
     "x + dropout2(linear2(dropout1(relu(linear1(x))))): mmcv's FFN with its residual."
-    if torch.compiler.is_compiling() or any(d.training and d.p > 0 for d in (dropout1, dropout2)):  # traced: one graph for any size
+    if (torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type)  # traced, or mixed precision (autocast
+            or any(d.training and d.p > 0 for d in (dropout1, dropout2))):          # casts F.linear, not addmm(out=))
         return x + dropout2(linear2(dropout1(F.relu(linear1(x)))))
     params = (linear1.weight, linear1.bias, linear2.weight, linear2.bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params)): return _ResidualFFN.apply(x, *params)

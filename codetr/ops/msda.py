@@ -94,15 +94,15 @@ def _pad_levels(value: Tensor, hw: list[tuple[int, int]]) -> Tensor:
         start += (h + 2) * (w + 2)
     return padded
 
-def _unpad_levels(grad_table: Tensor, hw: list[tuple[int, int]], B: int, M: int, by_channel: bool) -> Tensor:
-    "The gradient of `_pad_levels` from the table's, (B*S'*M, D) or `by_channel` (D, B*S'*M): (B, S, M, D)."
-    D = grad_table.shape[0 if by_channel else 1]
-    grad = grad_table.view(D, B, -1, M).permute(1, 2, 3, 0) if by_channel else grad_table.view(B, -1, M, D)  # (B, S', M, D)
-    out = grad.new_empty(B, sum(h * w for h, w in hw), M, D)  # (B, S, M, D)
+def _unpad_levels(out: Tensor, grad_table: Tensor, hw: list[tuple[int, int]], i: int = 0, j: int = 0,
+                  accumulate: bool = False) -> Tensor:
+    "out (B, S, M, D) set to (or `accumulate`d with) the padded table's (B*S'*M, D) gradient moved by (i, j) pixels."
+    grad = grad_table.view(out.shape[0], -1, *out.shape[2:])  # (B, S', M, D)
     start = stop = 0
-    for h, w in hw:  # one copy per level, which also transposes a `by_channel` gradient
+    for h, w in hw:  # padded pixel (y + 1 - i, x + 1 - j) of a level lands on its pixel (y, x)
         level = grad[:, start:start + (h + 2) * (w + 2)].unflatten(1, (h + 2, w + 2))  # (B, H+2, W+2, M, D)
-        out[:, stop:stop + h * w].unflatten(1, (h, w)).copy_(level[:, 1:-1, 1:-1])
+        level, dst = level[:, 1 - i:h + 1 - i, 1 - j:w + 1 - j], out[:, stop:stop + h * w].unflatten(1, (h, w))  # (B, H, W, M, D) each
+        dst.add_(level) if accumulate else dst.copy_(level)
         start, stop = start + (h + 2) * (w + 2), stop + h * w
     return out
 
@@ -112,17 +112,18 @@ class _Grid(NamedTuple):
     wh_max: Tensor   # (LP, 2) W - 1, H - 1: the largest top-left corner of a kept sample
     stride: Tensor   # (LP,) W + 2, a padded row
     base: Tensor     # (LP,) padded row of pixel (0, 0) (level start + W + 3), in pixels
-    corners: Tensor  # (2, 2, LP) int64 row offsets of the corners (y0+i, x0+j), in rows of the (B*S'*M, D) table
+    corners: Tensor  # (2, 2, LP) row offsets of the corners (y0+i, x0+j) in the (B*S'*M, D) table, in the index dtype
     Q: int           # queries per image
     M: int           # heads
     S_pad: int       # padded tokens per image
 
-def _padded_grid(hw: list[tuple[int, int]], Q: int, M: int, P: int, dtype: torch.dtype, device) -> _Grid:
-    "The `_Grid` of levels `hw` for Q queries, M heads and P points, in `dtype` on `device`."
+def _padded_grid(hw: list[tuple[int, int]], B: int, Q: int, M: int, P: int, dtype: torch.dtype, device) -> _Grid:
+    "The `_Grid` of levels `hw` for B images, Q queries, M heads and P points, in `dtype` on `device`."
     W, H = (torch.tensor([s[i] for s in hw], dtype=dtype, device=device).repeat_interleave(P) for i in (1, 0))  # (LP,) each
     sizes = [(h + 2) * (w + 2) for h, w in hw]
     starts = torch.tensor([0] + sizes[:-1], dtype=dtype, device=device).cumsum(0).repeat_interleave(P)  # (LP,)
-    corners = torch.stack([torch.zeros_like(W), torch.ones_like(W), W + 2, W + 3]).long().view(2, 2, -1) * M  # (2, 2, LP)
+    index = torch.int32 if B * sum(sizes) * M < 2**31 else torch.int64  # table rows: half the bytes of int64
+    corners = torch.stack([torch.zeros_like(W), torch.ones_like(W), W + 2, W + 3]).to(index).view(2, 2, -1) * M  # (2, 2, LP)
     wh = torch.stack([W, H], -1)  # (LP, 2)
     return _Grid(wh, wh - 1, W + 2, starts + W + 3, corners, Q, M, sum(sizes))
 
@@ -130,24 +131,25 @@ def _chunk_geometry(grid: _Grid, locs: Tensor, aw: Tensor, n0: int, n1: int) -> 
     "Rows and corner weights (c, 2, 2, LP) of bags n0:n1, then fx, fy, kept attention a and the kept mask, (c, LP)."
     c, LP = n1 - n0, aw.shape[1]
     xy = torch.mul(locs[n0:n1], grid.wh).sub_(0.5)  # (c, LP, 2) pixel coordinates
-    inside = (xy > -1) & (xy < grid.wh)  # (c, LP, 2)
-    kept = inside[..., 0] & inside[..., 1]  # (c, LP) the official test
+    kept = ((xy > -1) & (xy < grid.wh)).all(-1)  # (c, LP) the official test
     xy0 = xy.floor()  # (c, LP, 2)
     fx, fy = xy.sub_(xy0).unbind(-1)  # (c, LP) each, the fractional parts
-    a = aw[n0:n1] * kept  # (c, LP) dropped samples weigh 0
+    a = torch.where(kept, aw[n0:n1], 0.0)  # (c, LP) dropped samples weigh 0
     xy0 = xy0.clamp_(min=-1).minimum(grid.wh_max)  # dropped samples: any corner inside the padded map will do
-    pixel = torch.addcmul(xy0[..., 0] + grid.base, xy0[..., 1], grid.stride).long()  # (c, LP) exact in float
+    pixel = torch.addcmul(xy0[..., 0] + grid.base, xy0[..., 1], grid.stride).to(grid.corners.dtype)  # (c, LP) exact in float
     bag = torch.arange(n0, n1, device=locs.device)  # (c,) bag = (b, q, m)
-    first = bag // (grid.Q * grid.M) * (grid.S_pad * grid.M) + bag % grid.M  # (c,) row of (b, padded pixel 0, m)
-    rows = (pixel * grid.M + first[:, None])[:, None, None] + grid.corners  # (c, 2, 2, LP)
-    omfx, wy0, wy1 = 1 - fx, a * (1 - fy), a * fy  # (c, LP) each
+    first = (bag // (grid.Q * grid.M) * (grid.S_pad * grid.M) + bag % grid.M).to(pixel.dtype)  # (c,) row of (b, padded pixel 0, m)
+    rows = torch.add(first[:, None], pixel, alpha=grid.M)[:, None, None] + grid.corners  # (c, 2, 2, LP)
+    wy1 = a * fy  # (c, LP) the weight of the lower row, then of the upper one
+    wy0 = a - wy1  # (c, LP)
     weights = torch.empty(c, 2, 2, LP, dtype=locs.dtype, device=locs.device)  # (c, 2, 2, LP)
-    torch.mul(wy0, omfx, out=weights[:, 0, 0]); torch.mul(wy0, fx, out=weights[:, 0, 1])
-    torch.mul(wy1, omfx, out=weights[:, 1, 0]); torch.mul(wy1, fx, out=weights[:, 1, 1])
+    torch.mul(wy0, fx, out=weights[:, 0, 1]); torch.sub(wy0, weights[:, 0, 1], out=weights[:, 0, 0])
+    torch.mul(wy1, fx, out=weights[:, 1, 1]); torch.sub(wy1, weights[:, 1, 1], out=weights[:, 1, 0])
     return rows, weights, fx, fy, a, kept
 
 # %% ../../nbs/ops/12_msda.ipynb
-_CHUNK = 1 << 20  # gathered rows per chunk: (c, L*P*4) indices and weights of a few MB
+_CHUNK = 1 << 21  # gathered rows per chunk (8 MB of int32 indices): few chunks, since every large op is a parallel
+# region that waits for all threads (slow while other work holds a core); larger chunks page-fault their temporaries
 
 class _BilinearRowSum(torch.autograd.Function):
     "out[n] = sum over the L*P*4 corners k of bag n of weight[n, k] * table[rows[n, k]], chunk by chunk."
@@ -162,7 +164,7 @@ class _BilinearRowSum(torch.autograd.Function):
             out[n0:n1] = F.embedding_bag(rows.view(n1 - n0, -1), table, per_sample_weights=weights.view(n1 - n0, -1),
                                          mode="sum")
         ctx.save_for_backward(table, locs, aw)
-        ctx.grid, ctx.hw, ctx.B = grid, hw, value.shape[0]
+        ctx.grid, ctx.hw, ctx.value_shape = grid, hw, value.shape
         return out
 
     @staticmethod
@@ -172,36 +174,43 @@ class _BilinearRowSum(torch.autograd.Function):
         need_table, need_locs, need_aw = ctx.needs_input_grad[:3]  # need_table: the value's gradient
         grad_out = grad_out.contiguous()  # (N, D)
         (N, D), (R, LP) = grad_out.shape, (table.shape[0], aw.shape[1])
-        by_channel = N * 4 * LP > R  # many entries per table row (the encoder): scatter into the transposed table
-        grad_table = grad_out.new_zeros((D, R) if by_channel else (R, D)) if need_table else None
+        sort = need_table and N * LP * 4 >= R  # more entries than table rows: sort the samples, then gather
+        grad_table = grad_out.new_zeros(R, D) if need_table and not sort else None  # (R, D) padded
+        keys = torch.empty(N, LP, dtype=ctx.grid.corners.dtype) if sort else None  # (N, LP) top-left rows
+        corner_w = grad_out.new_empty(4, N, LP) if sort else None  # (4, N, LP)
         grad_locs, grad_aw = torch.empty_like(locs), torch.empty_like(aw)  # (N, LP, 2), (N, LP)
         step = max(1, _CHUNK // (4 * LP))
         for n0 in range(0, N, step):
             n1 = min(N, n0 + step)
-            rows, weights, fx, fy, a, kept = _chunk_geometry(ctx.grid, locs, aw, n0, n1)
-            rows, weights = rows.view(n1 - n0, -1), weights.view(n1 - n0, -1)  # (c, K)
-            if need_table: _scatter_rows(grad_table, grad_out[n0:n1], rows, weights, by_channel)
+            rows, weights, fx, fy, a, kept = _chunk_geometry(ctx.grid, locs, aw, n0, n1)  # (c, 2, 2, LP), ..., (c, LP)
+            if sort: keys[n0:n1], corner_w[:, n0:n1] = rows[:, 0, 0], weights.view(n1 - n0, 4, LP).transpose(0, 1)
+            elif need_table:
+                contrib = (weights.view(n1 - n0, -1, 1) * grad_out[n0:n1, None]).view(-1, D)  # (c*K, D)
+                grad_table.index_add_(0, rows.view(-1).long(), contrib)  # int64: index_add_'s fast path
             if not (need_locs or need_aw): continue
-            d00, d01, d10, d11 = _row_dots(grad_out[n0:n1], table, rows).view(n1 - n0, 4, -1).unbind(1)  # (c, LP) each
-            top, bottom = d00 + fx * (d01 - d00), d10 + fx * (d11 - d10)  # (c, LP) rows interpolated along x
-            torch.mul(top + fy * (bottom - top), kept, out=grad_aw[n0:n1])
-            torch.mul(a * ((1 - fy) * (d01 - d00) + fy * (d11 - d10)), ctx.grid.wh[:, 0], out=grad_locs[n0:n1, :, 0])
-            torch.mul(a * (bottom - top), ctx.grid.wh[:, 1], out=grad_locs[n0:n1, :, 1])
-        grad_value = _unpad_levels(grad_table, ctx.hw, ctx.B, ctx.grid.M, by_channel) if need_table else None  # (B, S, M, D)
+            d00, d01, d10, d11 = _row_dots(grad_out[n0:n1], table, rows.view(n1 - n0, -1)).view(n1 - n0, 4, LP).unbind(1)  # (c, LP) each
+            top, bottom = torch.lerp(d00, d01, fx), torch.lerp(d10, d11, fx)  # (c, LP) rows interpolated along x
+            torch.mul(torch.lerp(top, bottom, fy), kept, out=grad_aw[n0:n1])
+            torch.mul(torch.lerp(d01 - d00, d11 - d10, fy).mul_(a), ctx.grid.wh[:, 0], out=grad_locs[n0:n1, :, 0])
+            torch.mul(bottom.sub_(top).mul_(a), ctx.grid.wh[:, 1], out=grad_locs[n0:n1, :, 1])
+        grad_value = None
+        if sort: grad_value = _splat_corners(grad_out, keys, corner_w, ctx.hw, ctx.value_shape, R)  # (B, S, M, D)
+        elif need_table: grad_value = _unpad_levels(grad_out.new_empty(ctx.value_shape), grad_table, ctx.hw)  # (B, S, M, D)
         return grad_value, grad_locs if need_locs else None, grad_aw if need_aw else None, None, None
 
-def _scatter_rows(grad_table: Tensor, grad_out: Tensor, rows: Tensor, weights: Tensor, by_channel: bool,
-                  block: int = 1 << 15) -> None:
-    "grad_table[rows[n, k]] += weights[n, k] * grad_out[n]: into (R, D), or `by_channel` into the transposed (D, R)."
-    (c, K), D = rows.shape, grad_out.shape[1]
-    if not by_channel:  # a few entries: one scatter of (D,)-rows (PyTorch sorts its index)
-        contrib = (weights[:, :, None] * grad_out[:, None]).view(-1, D)  # (c*K, D)
-        grad_table.scatter_add_(0, rows.view(-1, 1).expand(-1, D), contrib)
-        return
-    step, grad_t = max(1, block // K), grad_out.t().contiguous()  # (D, c)
-    for i in range(0, c, step):  # every channel in one scatter of single numbers, `block` entries at a time
-        contrib = grad_t[:, i:i + step, None] * weights[i:i + step]  # (D, s, K)
-        grad_table.scatter_add_(1, rows[i:i + step].reshape(1, -1).expand(D, -1), contrib.view(D, -1))
+def _splat_corners(grad_out: Tensor, keys: Tensor, corner_w: Tensor, hw: list[tuple[int, int]],
+                   value_shape: torch.Size, R: int) -> Tensor:
+    "The value's gradient (B, S, M, D) from the samples' top-left rows `keys` (N, LP) and corner weights (4, N, LP)."
+    LP = keys.shape[1]
+    counts = torch.bincount(keys.view(-1), minlength=R)  # (R,) samples per top-left row
+    order, first = keys.view(-1).sort()[1], counts.cumsum(0).sub_(counts)  # (N*LP,) key order, (R,) where each key's run starts
+    weights = corner_w.view(4, -1).index_select(1, order)  # (4, N*LP) in key order
+    bags = order.floor_divide_(LP)  # (N*LP,) the bag n of every sorted sample
+    out = grad_out.new_empty(value_shape)  # (B, S, M, D)
+    for k in range(4):  # corner (y0 + i, x0 + j): the rows of every key moved by (i, j) pixels
+        per_row = F.embedding_bag(bags, grad_out, first, mode="sum", per_sample_weights=weights[k])  # (R, D)
+        _unpad_levels(out, per_row, hw, *divmod(k, 2), accumulate=k > 0)
+    return out
 
 def _row_dots(grad_out: Tensor, table: Tensor, rows: Tensor) -> Tensor:
     "dots[n, k] = <grad_out[n], table[rows[n, k]]>: (grad_out @ table.T) sampled where `rows` points."
@@ -236,7 +245,7 @@ def ms_deform_attn_gather(value: Tensor, spatial_shapes: Tensor, level_start_ind
     if dtype not in (torch.float32, torch.float64):  # half types: compute in float32
         value, sampling_locations, attention_weights = (t.float() for t in (value, sampling_locations, attention_weights))
     hw = level_hw(spatial_shapes)
-    grid = _padded_grid(hw, Q, M, P, value.dtype, value.device)
+    grid = _padded_grid(hw, B, Q, M, P, value.dtype, value.device)
     out = _BilinearRowSum.apply(value, sampling_locations.reshape(B * Q * M, L * P, 2),
                                 attention_weights.reshape(B * Q * M, L * P), grid, hw)  # (B*Q*M, D)
     return out.view(B, Q, M * D).to(dtype)
@@ -357,9 +366,11 @@ class MSDeformAttn(nn.Module):
         v = self._project_value(value, pad_mask)  # (B, S, M, D)
         locations = self._sampling_locations(q, reference_points, spatial_shapes)  # (B, Q, M, L, P, 2)
         weights = self._attention_weights(q)  # (B, Q, M, L, P)
+        if torch.is_autocast_enabled(v.device.type): v, locations, weights = v.float(), locations.float(), weights.float()
         out = ms_deform_attn(v, spatial_shapes, level_start_index, locations, weights, backend=self.backend)  # (B, Q, C)
         out = self.dropout(self.output_proj(out.view(-1, out.shape[-1])))  # (B*Q, C) no view: in place below is free
-        return out.add_(identity.reshape(out.shape)).view(identity.shape)  # (B, Q, C) neither op keeps its output
+        return (out.add_(identity.reshape(out.shape)) if out.dtype == identity.dtype  # (B, Q, C) neither op keeps its output
+                else identity.reshape(out.shape) + out).view(identity.shape)  # autocast: the residual stays in its dtype
 
     def _project_value(self, value: Tensor, pad_mask: Tensor | None) -> Tensor:
         B, S, C = value.shape
@@ -369,8 +380,7 @@ class MSDeformAttn(nn.Module):
         return v.view(B, S, self.num_heads, C // self.num_heads)  # (B, S, M, D)
 
     def _attention_weights(self, q: Tensor) -> Tensor:
-        B, Q, _ = q.shape
-        M, L, P = self.num_heads, self.num_levels, self.num_points
+        (B, Q, _), (M, L, P) = q.shape, (self.num_heads, self.num_levels, self.num_points)
         logits = self.attention_weights(q).view(B, Q, M, L * P)  # (B, Q, M, L*P)
         return logits.softmax(-1).view(B, Q, M, L, P)  # (B, Q, M, L, P)
 

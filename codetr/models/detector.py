@@ -39,7 +39,8 @@ class AuxPyramid(nn.Module):
 
     def forward(self, state: TransformerOutput) -> list[Tensor]: # L + 1 maps (B, C, H_l, W_l)
         maps = memory_maps(state)
-        return maps + [self.downsample(maps[-1])]
+        with torch.autocast(maps[-1].device.type, enabled=False):  # fp32: GroupNorm over a map of a few pixels
+            return maps + [self.downsample(maps[-1].float()).to(maps[-1].dtype)]  # overflows bf16 gradients
 
 # %% ../../nbs/models/61_detector.ipynb
 def unpadded_sizes(pad_mask: Tensor) -> list[tuple[int, int]]:

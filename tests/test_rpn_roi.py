@@ -11,8 +11,10 @@ from torchvision.ops import box_iou as tv_box_iou, generalized_box_iou as tv_gio
 from codetr.ops.anchors import CO_DEF_STRIDES, roi_box_coder, rpn_box_coder
 from codetr.heads.rpn import (RCNN_SAMPLING, RPN_SAMPLING, RPN_TRAIN_PROPOSALS, MaxIoUSampling, ProposalCfg, RPNHead,
                         assign_and_sample, flatten_levels, rpn_loss, rpn_proposals_single, rpn_targets_single)
+import codetr.heads.roi as roi_module
 from codetr.heads.roi import (RCNNTestCfg, RoIHead, RPNRoIHead, Shared2FCBBoxHead, boxes_to_rois, multiclass_nms,
-                            rcnn_loss, rcnn_positive_coords, roi_extract, roi_levels, sample_rois)
+                            rcnn_loss, rcnn_positive_coords, roi_extract, roi_levels,
+                            sample_rois)
 
 K = 3  # classes in most tests
 LOSS_KEYS = {"loss_rpn_cls", "loss_rpn_bbox", "loss_cls0", "loss_bbox0", "acc0"}
@@ -310,6 +312,24 @@ def test_roi_extract_batched_equals_per_image(counts, seed):
     together = roi_extract(feats, boxes_to_rois(boxes), (8, 16, 32, 64))
     alone = [roi_extract([f[b:b + 1] for f in feats], boxes_to_rois([boxes[b]]), (8, 16, 32, 64)) for b in range(B)]
     assert torch.allclose(together, torch.cat(alone), atol=1e-6)
+
+
+# ---------------------------------------------------------------- the RoI head with RoIAlign's CPU path
+
+def test_roi_head_losses_and_gradients_unchanged_by_the_cpu_path(monkeypatch):
+    "The RoI head's losses and gradients (pyramid and weights) with the CPU path equal those with torchvision's."
+    def run():
+        torch.manual_seed(0)
+        head = small_head()
+        pyr = make_pyramid(channels=32, requires_grad=True)
+        losses, pc = head.forward_train(pyr, TARGETS, SIZES, generator=gen(7))
+        (sum(v for k, v in losses.items() if "loss" in k) + pc.feats.sum()).backward()
+        return losses, [p.grad for p in pyr] + [p.grad for p in head.parameters()]
+    ours = run()
+    monkeypatch.setattr(roi_module, "roi_align_fast", lambda *a: roi_align(*a))
+    theirs = run()
+    for k in ours[0]: torch.testing.assert_close(ours[0][k], theirs[0][k], rtol=1e-5, atol=1e-6)
+    for a, b in zip(ours[1], theirs[1]): torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 # ---------------------------------------------------------------- RoI sampling and positive coordinates

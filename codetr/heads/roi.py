@@ -11,7 +11,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, roi_align
+from torchvision.ops import batched_nms
 
 from ..backbones.necks import ConvGN
 from ..core.config import Config
@@ -20,6 +20,7 @@ from .base import AuxHeadConfig, HeadPositives, PositiveCoords, check_pyramid, l
 from .rpn import RCNN_SAMPLING, MaxIoUSampling, RPNConfig, RPNHead, assign_and_sample
 from ..ops.anchors import DeltaXYWHBBoxCoder, roi_box_coder
 from ..ops.losses import cross_entropy, giou_loss
+from ..ops.roi_align import roi_align_fast
 
 # %% auto 0
 __all__ = ['RCNNTestCfg', 'roi_levels', 'boxes_to_rois', 'roi_extract', 'Shared2FCBBoxHead', 'RoISample', 'sample_rois',
@@ -55,17 +56,13 @@ def roi_extract(feats: list[Tensor],      # per level (B, C, H, W)
                 finest_scale: float = 112.0,
                ) -> Tensor:               # (R, C, output_size, output_size)
     "Pool every RoI from the level its size selects, with RoIAlign (aligned, adaptive sampling)."
-    R, C = len(rois), feats[0].shape[1]
-    out = feats[0].new_zeros(R, C, output_size, output_size)  # (R, C, 7, 7)
-    levels = roi_levels(rois[:, 1:], finest_scale, len(strides))  # (R,)
+    out = feats[0].new_zeros(len(rois), feats[0].shape[1], output_size, output_size)  # (R, C, 7, 7)
+    levels, unused = roi_levels(rois[:, 1:], finest_scale, len(strides)), []  # (R,), zeros from the empty levels
     for lvl, (f, stride) in enumerate(zip(feats, strides)):
         idx = (levels == lvl).nonzero().squeeze(1)  # (R_l,)
-        if len(idx) == 0:
-            out = out + f.sum() * 0  # keep every level in the graph (DDP), as mmdet does
-            continue
-        pooled = roi_align(f, rois[idx], output_size, 1.0 / stride, sampling_ratio=0, aligned=True)  # (R_l, C, 7, 7)
-        out = out.index_copy(0, idx, pooled)
-    return out
+        if len(idx) == 0: unused.append(f.sum() * 0)  # keep every level in the graph (DDP), as mmdet does
+        else: out.index_copy_(0, idx, roi_align_fast(f, rois[idx], output_size, 1.0 / stride, 0, True))  # (R_l, C, 7, 7)
+    return out + sum(unused) if unused else out
 
 # %% ../../nbs/heads/54_roi.ipynb
 class Shared2FCBBoxHead(nn.Module):

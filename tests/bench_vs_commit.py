@@ -1,7 +1,7 @@
 """The code as it is against an earlier commit, in one session: training-step and inference times of a preset,
 the two versions alternating, each in its own process.
 
-    python tests/bench_vs_commit.py [--base f48d0ad] [--current HEAD] [--preset co_deformable_detr_r50_1x_coco] [--size 512]
+    python tests/bench_vs_commit.py [--base f48d0ad] [--current HEAD] [--preset co_deformable_detr_r50_1x_coco] [--size 512 [W]]
                                     [--threads 2] [--rounds 3] [--steps 3]
 
 The base commit is checked out into a temporary git worktree; a process imports `codetr` from there or from this
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 WORKER = "--worker"
 
 
-def worker(preset: str, size: int, steps: int) -> dict:
+def worker(preset: str, size: list[int], steps: int) -> dict:
     import time
     import torch
     import codetr
@@ -33,11 +33,13 @@ def worker(preset: str, size: int, steps: int) -> dict:
     torch.manual_seed(0)
     model = build_model(get_preset(preset).without_pretrained())
     g = torch.Generator().manual_seed(0)
-    image = torch.randn(1, 3, size, size, generator=g)
-    xy = torch.rand(20, 2, generator=g) * size * 0.7
-    targets = [{"boxes": torch.cat([xy, xy + torch.rand(20, 2, generator=g) * size * 0.3 + 16], 1),
-                "labels": torch.randint(0, 80, (20,), generator=g), "img_size": (size, size), "orig_size": (size, size)}]
-    pad = torch.zeros(1, size, size, dtype=torch.bool)
+    h, w = size if len(size) == 2 else size * 2
+    image = torch.randn(1, 3, h, w, generator=g)
+    wh = torch.tensor([w, h], dtype=torch.float32)
+    xy = torch.rand(20, 2, generator=g) * wh * 0.7
+    targets = [{"boxes": torch.cat([xy, xy + torch.rand(20, 2, generator=g) * wh * 0.3 + 16], 1),
+                "labels": torch.randint(0, 80, (20,), generator=g), "img_size": (h, w), "orig_size": (h, w)}]
+    pad = torch.zeros(1, h, w, dtype=torch.bool)
 
     def train():
         model.train(); model.zero_grad(set_to_none=True)
@@ -73,7 +75,7 @@ def main():
     p.add_argument("--base", default="f48d0ad")
     p.add_argument("--current", help="a commit to compare instead of this checkout's working tree")
     p.add_argument("--preset", default="co_deformable_detr_r50_1x_coco")
-    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--size", type=int, nargs="+", default=[512], help="H [W] (W = H when left out)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=3)
@@ -94,7 +96,8 @@ def main():
             for path, rev in trees.values():
                 if rev: subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(path)], check=False)
     med = {n: {k: statistics.median(t[k] for t in ts) for k in ("train", "eval")} for n, ts in times.items()}
-    print(f"\n{args.preset} at {args.size}x{args.size}, batch 1, {args.threads} threads, median of {args.rounds} rounds "
+    h, w = args.size if len(args.size) == 2 else args.size * 2
+    print(f"\n{args.preset} at {h}x{w}, batch 1, {args.threads} threads, median of {args.rounds} rounds "
           f"x {args.steps} steps; base = {args.base}, current = {args.current or 'the working tree'}")
     print("| | training step (s) | inference (s) |\n|---|---|---|")
     for n in ("base", "current"): print(f"| {n} | {med[n]['train']:.2f} | {med[n]['eval']:.2f} |")

@@ -1,7 +1,7 @@
 """Where the CPU time of one training step and one inference pass goes, by operator and by model part.
 
     python tests/profile_step.py [--preset co_deformable_detr_r50_1x_coco] [--size 512 512] [--batch 1] [--threads 2]
-                                 [--top 25]
+                                 [--top 25] [--floor]
 
 Builds any preset (`codetr.models.presets.PRESETS`, e.g. co_dino_5scale_r50_1x_coco, co_deformable_detr_tiny,
 co_dino_tiny) with seeded random weights (no download), makes a seeded batch of N(0, 1) images with 20 random boxes
@@ -17,6 +17,12 @@ losses, backward) and one inference pass (no_grad, post-processing included) wit
     excludes the parts nested in it. Its backward time is that of the autograd nodes its forward ops created
     (matched by the profiler's sequence numbers); recomputation of checkpointed layers counts to the part whose
     backward triggers it. AccumulateGrad (writing parameter gradients) has no forward op and gets a row of its own.
+
+(c) with --floor, the arithmetic floor of a training step and of an inference: the floating-point operations of their
+    matrix products and convolutions, forward and backward (`torch.utils.flop_counter`'s formulas), divided by the best rates
+    this machine reaches on such products at the same thread count (large fp32 matrix products and a ResNet
+    convolution, timed here), next to the measured times: no change that keeps the arithmetic (fp32, the same layers)
+    makes them faster than that.
 
 The profiler adds overhead per operator (a few microseconds): read the numbers as shares, not as step times.
 """
@@ -194,6 +200,64 @@ def print_top_ops(prof, title: str, top: int):
         print(f"  {e.key[:63]:<64}{e.count:8d}{e.self_cpu_time_total / 1e3:10.1f}{100 * e.self_cpu_time_total / total:7.1f}%")
 
 
+def gemm_rates(repeats: int = 5) -> dict:
+    "This machine's best fp32 GFLOP/s at the current thread count: matrix products and a 3x3 convolution."
+    import time
+    g = torch.Generator().manual_seed(0)
+    shapes = {"matrix products": [((5440, 256), (256, 2048)), ((5440, 2048), (2048, 256)), ((1024, 12544), (12544, 1024))],
+              "convolutions": [((1, 256, 64, 64), (256, 256, 3, 3)), ((1, 128, 64, 64), (128, 128, 3, 3))]}
+    best = {}
+    for kind, pairs in shapes.items():
+        for a, b in pairs:
+            x, w = torch.randn(*a, generator=g), torch.randn(*b, generator=g)
+            fn = (lambda: x @ w) if kind == "matrix products" else (lambda: torch.nn.functional.conv2d(x, w, padding=1))
+            flops = 2 * a[0] * a[1] * b[1] if kind == "matrix products" else 2 * b[0] * b[1] * 9 * a[2] * a[3]
+            fn()
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter(); fn(); times.append(time.perf_counter() - t0)
+            best[kind] = max(best.get(kind, 0.0), flops / min(times) / 1e9)
+    return best
+
+
+def step_flops(fn, *args) -> tuple[float, float]:
+    "GFLOP of the matrix products and of the convolutions (forward and backward) that `fn(*args)` runs."
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry  # torch's FLOP formulas (FlopCounterMode's, without its module hooks)
+
+    class Count(TorchDispatchMode):
+        mm = conv = 0
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            formula = flop_registry.get(func._overloadpacket)
+            if formula is not None:
+                n = formula(*args, **(kwargs or {}), out_val=out)
+                if "convolution" in str(func._overloadpacket): self.conv += n
+                else: self.mm += n
+            return out
+
+    with Count() as count:
+        fn(*args)
+    return count.mm / 1e9, count.conv / 1e9
+
+
+def print_floor(model, images, targets):
+    "The matrix-product and convolution FLOPs of a training step and an inference over this machine's best rates."
+    import statistics, time
+    rates = gemm_rates()
+    print("\narithmetic floor: fp32 matrix products and convolutions (forward and backward) at this machine's best rates "
+          f"({rates['matrix products']:.0f} GFLOP/s for matrix products, {rates['convolutions']:.0f} for convolutions)")
+    for name, fn in (("training step", train_step), ("inference", infer)):
+        mm, conv = step_flops(fn, model, images, targets)
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter(); fn(model, images, targets); times.append(time.perf_counter() - t0)
+        step = statistics.median(times)
+        floor = mm / rates["matrix products"] + conv / rates["convolutions"]
+        print(f"  {name}: matrix products {mm:.1f} GFLOP, convolutions {conv:.1f} GFLOP: floor {floor:.2f} s; measured "
+              f"{step:.2f} s (median of 3, no profiler): the floor is {100 * floor / step:.0f}%, the rest {step - floor:.2f} s")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="co_deformable_detr_r50_1x_coco")
@@ -201,6 +265,7 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--floor", action="store_true", help="also print the step's arithmetic floor on this machine")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, images, targets = build(args.preset, tuple(args.size), args.batch)
@@ -215,6 +280,7 @@ def main():
     print_parts(train, "training step")
     print_top_ops(inference, "inference", args.top)
     print_parts(inference, "inference")
+    if args.floor: print_floor(model, images, targets)
 
 
 if __name__ == "__main__":

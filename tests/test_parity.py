@@ -8,9 +8,7 @@ loaded strictly, compute on the fixed input what the official models computed (`
 Also: parameter counts per official module, the state-dict keys and the loss-key set of one training step.
 The references live outside the repository. Without them these tests skip, except under the CI entry point
 (`CODETR_REQUIRE_SHARED=1`, set by `.ci/run`), where a missing reference is a failure."""
-import importlib.util
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,9 +25,10 @@ from codetr.models.detector import build_model
 from codetr.ops.box_ops import box_iou
 from codetr.transformer.deformable import CoDeformableTransformer
 
+import parity_utils
+from parity_utils import FILES, fill_module, reference_folder
+
 REPO = Path(__file__).resolve().parents[1]
-PARITY = Path(os.environ.get("CODETR_SHARED_PARITY", REPO.parent / "shared" / "parity"))
-REQUIRED = os.environ.get("CODETR_REQUIRE_SHARED", "") not in ("", "0")
 REFS = {  # reference folder -> (preset, official naming, post-processing, box tolerance in px)
     "co_deformable_detr_r50": (co_deformable_detr_r50_1x_coco, None, None, 1e-3),
     "co_dino_5scale_r50": (co_dino_5scale_r50_1x_coco, "mmdet3", "mmdet3", 2e-3),
@@ -40,21 +39,7 @@ LOGIT_TOL = 1e-4  # the official models' own 1- vs 2-thread spread: ~6e-6 (Co-De
 
 
 def _reference_folder(name: str) -> Path:
-    folder = PARITY / name
-    files = ("keys.txt", "meta.json", "outputs.npz", "params.json", "loss_keys.txt")
-    missing = [f for f in files if not (folder / f).is_file()] + ([] if (PARITY / "fill.py").is_file() else ["../fill.py"])
-    if missing:
-        msg = f"official parity reference {folder} lacks {missing} (set CODETR_SHARED_PARITY to its folder)"
-        if REQUIRED: pytest.fail(msg)
-        pytest.skip(msg)
-    return folder
-
-
-def _fill_module():
-    spec = importlib.util.spec_from_file_location("codetr_parity_fill", PARITY / "fill.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return reference_folder(name, FILES + ("loss_keys.txt",))
 
 
 def official_cfg(name: str = "co_deformable_detr_r50"):
@@ -65,15 +50,7 @@ def official_cfg(name: str = "co_deformable_detr_r50"):
 
 
 def load_reference(name: str) -> dict:
-    folder = _reference_folder(name)
-    fill = _fill_module()
-    meta = json.loads((folder / "meta.json").read_text())
-    sd = fill.fill_state_dict(fill.load_keys(folder / "keys.txt"))
-    assert fill.fingerprint(sd) == meta["weights"]["fingerprint"], "fill.py did not rebuild the reference weights"
-    x = np.random.default_rng(0).normal(0, 1, size=(1, 3, 512, 512)).astype(np.float32)
-    out = dict(np.load(folder / "outputs.npz"))
-    np.testing.assert_array_equal(x[0, :, 0, :8], out["input_head"])
-    return dict(name=name, folder=folder, meta=meta, state_dict=sd, image=torch.from_numpy(x), out=out)
+    return parity_utils.load_reference(name, FILES + ("loss_keys.txt",))
 
 
 @pytest.fixture(scope="module")
@@ -298,7 +275,7 @@ def test_parameter_counts_per_official_module(name):
 @pytest.mark.parametrize("name", PARAM_REFS)
 def test_state_dict_keys_equal_official(name):
     folder = _reference_folder(name)
-    fill = _fill_module()
+    fill = fill_module()
     cfg, flavour = official_cfg(name), REFS[name][1]
     with torch.device("meta"): model = build_model(cfg)
     keys = {to_official_key(k, cfg, flavour): tuple(v.shape) for k, v in model.state_dict().items()}

@@ -9,9 +9,7 @@ threads): class logits 1.9e-4, boxes 9.6e-6 (normalised, 4.9e-3 px), detection b
 neck and memory probes 3e-6. A 24-block Swin-L in front of the same transformer carries more float noise than the R50
 (2e-5 on logits), so each tolerance is about 5x that floor. Without the reference these tests skip (fail under
 `CODETR_REQUIRE_SHARED=1`)."""
-import importlib.util
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,31 +20,20 @@ import torch
 from codetr.engine.checkpoint import from_official_state_dict, load_official, to_official_key, to_official_state_dict
 from codetr.models.detector import build_model
 from codetr.models.swin import co_dino_5scale_swin_large_lsj_1x_coco
+from parity_utils import fill_module, load_reference, reference_folder
 from test_parity import _close, match_detections
 
 REPO = Path(__file__).resolve().parents[1]
-PARITY = Path(os.environ.get("CODETR_SHARED_PARITY", REPO.parent / "shared" / "parity"))
-REQUIRED = os.environ.get("CODETR_REQUIRE_SHARED", "") not in ("", "0")
 NAME = "co_dino_5scale_swin_l"
 TOL = dict(probe=2e-5, stat=1e-6, enc=3e-5, logits=1e-3, box_px=2.5e-2, det_box_px=1e-2, det_score=3e-4)
 
 
 def _folder() -> Path:
-    folder = PARITY / NAME
-    files = ("keys.txt", "meta.json", "outputs.npz", "params.json")
-    missing = [f for f in files if not (folder / f).is_file()] + ([] if (PARITY / "fill_v2.py").is_file() else ["../fill_v2.py"])
-    if missing:
-        msg = f"official parity reference {folder} lacks {missing} (set CODETR_SHARED_PARITY to its folder)"
-        if REQUIRED: pytest.fail(msg)
-        pytest.skip(msg)
-    return folder
+    return reference_folder(NAME, fill="fill_v2.py")
 
 
 def _fill():
-    spec = importlib.util.spec_from_file_location("codetr_parity_fill_v2", PARITY / "fill_v2.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return fill_module("fill_v2.py")
 
 
 def official_cfg():
@@ -57,15 +44,7 @@ def official_cfg():
 
 @pytest.fixture(scope="module")
 def ref():
-    folder = _folder()
-    fill = _fill()
-    meta = json.loads((folder / "meta.json").read_text())
-    sd = fill.fill_state_dict(fill.load_keys(folder / "keys.txt"))
-    assert fill.fingerprint(sd) == meta["weights"]["fingerprint"], "fill_v2.py did not rebuild the reference weights"
-    x = np.random.default_rng(0).normal(0, 1, size=(1, 3, 512, 512)).astype(np.float32)
-    out = dict(np.load(folder / "outputs.npz"))
-    np.testing.assert_array_equal(x[0, :, 0, :8], out["input_head"])
-    return dict(meta=meta, state_dict=sd, image=torch.from_numpy(x), out=out)
+    return load_reference(NAME, fill="fill_v2.py")
 
 
 @pytest.fixture(scope="module")

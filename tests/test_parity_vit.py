@@ -16,7 +16,6 @@ The 6 refining decoder layers with 1500 queries roughly double a 1e-5 input diff
 0.013 px on the last boxes (a few small boxes; most queries are 10x closer). The decoder tolerances (1e-3 logits,
 0.05 px) leave 4-5x headroom and stay far below what the official model's own thread noise does to it once a
 near-tied pair swaps (7e-3 logits, 0.44 px on the unswapped queries, meta.json)."""
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -32,7 +31,8 @@ from codetr.models.detector import build_model
 from codetr.models.vit import co_dino_5scale_vit_large_coco
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_parity import LOGIT_TOL, PARITY, REQUIRED, _close, compare_trunk, match_detections  # noqa: E402
+from parity_utils import fill_module, load_reference, reference_folder  # noqa: E402
+from test_parity import LOGIT_TOL, _close, compare_trunk, match_detections  # noqa: E402
 
 NAME = "co_dino_5scale_vit_l"
 BOX_PX_TOL = 2e-3       # encoder anchors (measured 5e-4 px)
@@ -42,21 +42,11 @@ NEAR_TIE = 1e-4     # a swapped pair of the selection must be this close in enco
 
 
 def _folder() -> Path:
-    folder = PARITY / NAME
-    files = ("keys.txt", "meta.json", "outputs.npz", "params.json")
-    missing = [f for f in files if not (folder / f).is_file()] + ([] if (PARITY / "fill_v2.py").is_file() else ["../fill_v2.py"])
-    if missing:
-        msg = f"official parity reference {folder} lacks {missing} (set CODETR_SHARED_PARITY to its folder)"
-        if REQUIRED: pytest.fail(msg)
-        pytest.skip(msg)
-    return folder
+    return reference_folder(NAME, fill="fill_v2.py")
 
 
 def _fill_v2():
-    spec = importlib.util.spec_from_file_location("codetr_parity_fill_v2", PARITY / "fill_v2.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return fill_module("fill_v2.py")
 
 
 def official_cfg():
@@ -65,14 +55,8 @@ def official_cfg():
 
 @pytest.fixture(scope="module")
 def vit_ref():
-    folder = _folder()
-    fill = _fill_v2()
-    meta = json.loads((folder / "meta.json").read_text())
-    sd = fill.fill_state_dict(fill.load_keys(folder / "keys.txt"))
-    assert fill.fingerprint(sd) == meta["weights"]["fingerprint"], "fill_v2.py did not rebuild the reference weights"
-    x = np.random.default_rng(0).normal(0, 1, size=(1, 3, 512, 512)).astype(np.float32)
-    out = dict(np.load(folder / "outputs.npz"))
-    np.testing.assert_array_equal(x[0, :, 0, :8], out["input_head"])
+    r = load_reference(NAME, fill="fill_v2.py")
+    meta, sd, x, out = r.pop("meta"), r.pop("state_dict"), r["image"].numpy(), r["out"]
     cfg = official_cfg()
     torch.manual_seed(0)
     model = build_model(cfg)

@@ -77,23 +77,25 @@ def draw_boxes(ax: Axes,
                linestyle: str = "-",
                show_text: bool = True,
               ) -> list[Rectangle]:    # the rectangles added
-    "Draw boxes with class names (and scores) on `ax`, one colour per class."
+    "Draw boxes with class names (and scores) on `ax`, one colour per class; captions stay inside the axes."
     boxes, labels = _np(boxes_xyxy).reshape(-1, 4), _np(labels).reshape(-1)
     scores = None if scores is None else _np(scores).reshape(-1)
     if len(labels) != len(boxes) or (scores is not None and len(scores) != len(boxes)):
         raise ValueError(f"draw_boxes: got {len(boxes)} boxes, {len(labels)} labels"
                          + ("" if scores is None else f" and {len(scores)} scores"))
-    patches = []
+    patches, inf = [], float("inf")
+    (left, _), (top, bottom) = (sorted(ax.get_xlim()), sorted(ax.get_ylim())) if ax.images else ((-inf, inf), (-inf, inf))
     for i, ((x1, y1, x2, y2), label) in enumerate(zip(boxes, labels)):
         score = None if scores is None else float(scores[i])
         if score is not None and score < score_thr: continue
         color = class_color(label)
         rect = Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, linewidth=1.5, linestyle=linestyle)
         patches.append(ax.add_patch(rect))
-        if show_text:
-            y, va = (y1, "bottom") if score is None else (y2, "top")  # predictions captioned below, so both show
-            ax.text(x1, y, _caption(int(label), score, class_names), fontsize=7, color="white", va=va,
-                    bbox=dict(facecolor=color, alpha=0.7, pad=1, edgecolor="none"))
+        if show_text:  # predictions captioned below the box, ground truth above, so both show; inside the axes
+            y, va = (y1, "bottom") if score is None else (y2, "top")
+            if y < top or y > bottom: y, va = min(max(y, top), bottom), "bottom" if y > bottom else "top"
+            ax.text(max(x1, left), y, _caption(int(label), score, class_names), fontsize=7, color="white", va=va,
+                    clip_on=True, bbox=dict(facecolor=color, alpha=0.7, pad=1, edgecolor="none"))
     return patches
 
 def show_detections(image,                # anything `to_hwc_uint8` accepts

@@ -3,6 +3,7 @@ the official formula, evaluation and export with it, exact resume after SIGKILL)
 command line."""
 import json
 import math
+import shutil
 import signal
 import sys
 from dataclasses import replace
@@ -169,14 +170,44 @@ def test_fsdp_two_processes_match_one_and_resume_anywhere(tmp_path, synth):
 
 
 @pytest.mark.slow
+def test_fsdp_keeps_the_weight_average(tmp_path, synth):
+    "EMA under FSDP: two sharded processes keep the average one unsharded process keeps, saved whole; it resumes both ways."
+    optim = {"ema_momentum": 0.2, "ema_warmup": 2}
+    runs = {"one": (4, 1), "two": (2, 2)}  # batch per process, processes
+    for name, (batch, nproc) in runs.items():
+        proc = run_script(tmp_path, {**data_args(synth, epochs=2, batch_size=batch, optim=optim), "fsdp": nproc > 1,
+                                     "work_dir": str(tmp_path / name), "out": str(tmp_path / f"{name}.pt")}, nproc=nproc)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert not torch.allclose(a["weights"]["head.weight"], a["model"]["head.weight"])  # the average is not the live model
+    for k, v in a["weights"].items(): torch.testing.assert_close(b["weights"][k], v, rtol=1e-5, atol=1e-6)
+    assert math.isclose(a["AP"], b["AP"], abs_tol=1e-6)  # validation used the average in both
+    sa, sb = (torch.load(latest_checkpoint(tmp_path / n), weights_only=True)["ema"] for n in runs)
+    assert sa["updates"] == sb["updates"] > 0 and set(sa["shadow"]) == set(sb["shadow"])
+    for k, v in sa["shadow"].items(): torch.testing.assert_close(sb["shadow"][k], v, rtol=1e-5, atol=1e-6)  # whole tensors
+    # the sharded checkpoint resumes sharded (the average scattered back into shards) and unsharded: one more epoch each
+    shutil.copytree(tmp_path / "two", tmp_path / "two_whole")
+    for name, (batch, nproc), out in (("two", runs["two"], "more_sharded"), ("two_whole", runs["one"], "more_whole"),
+                                      ("one", runs["one"], "cont")):
+        proc = run_script(tmp_path, {**data_args(synth, epochs=3, batch_size=batch, optim=optim), "fsdp": nproc > 1,
+                                     "work_dir": str(tmp_path / name), "out": str(tmp_path / f"{out}.pt"), "resume": True},
+                          nproc=nproc)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    want = torch.load(tmp_path / "cont.pt")["weights"]
+    for out in ("more_sharded", "more_whole"):
+        got = torch.load(tmp_path / f"{out}.pt")["weights"]
+        for k, v in want.items(): torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_fsdp_command_line_trains_a_real_preset(tmp_path, synth):
-    "torchrun -m codetr.engine.train --fsdp on the tiny Co-Deformable-DETR (scalar ATSS scales, frozen stem): to the end."
+    "torchrun -m codetr.engine.train --fsdp --ema on the tiny Co-Deformable-DETR (scalar ATSS scales, frozen stem): to the end."
     import os, subprocess
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "codetr.engine.train",
            "co_deformable_detr_tiny", "--train-images", str(synth.train_images), "--train-ann", str(synth.train_json),
            "--val-images", str(synth.val_images), "--val-ann", str(synth.val_json), "--work-dir", str(tmp_path / "run"),
            "--epochs", "1", "--batch-size", "2", "--num-workers", "0", "--no-progress", "--fsdp",
-           "--grad-checkpoint", "encoder", "--cfg-options", "aug.scales=(48,64)", "aug.max_size=96",
+           "--grad-checkpoint", "encoder", "--ema", "0.01", "--cfg-options", "aug.scales=(48,64)", "aug.max_size=96",
            "aug.crop_scales=(48,)", "aug.crop_range=(32,48)", "aug.test_scale=64", "aug.test_max_size=96"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run = lambda: subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import distribute_tensor
 
 from ..models.config import OptimConfig
 from ..core.dist import get_rank, get_world_size, is_dist, is_main_process
@@ -193,7 +194,7 @@ class ModelEMA:
         self.momentum, self.warmup, self.updates = momentum, warmup, 0
         self.names = [k for k, v in model.state_dict().items() if v.is_floating_point()]
         state = model.state_dict()
-        self.shadow = [state[k].detach().clone() for k in self.names]
+        self.shadow = [state[k].detach().clone() for k in self.names]  # under FSDP: this process's shards (DTensors)
 
     def rate(self, step: int) -> float:
         "The weight of the live model at update `step` (from 0)."
@@ -203,18 +204,25 @@ class ModelEMA:
     def update(self, model: nn.Module):
         "Move the average towards the model's current state (call after each optimiser step)."
         state = model.state_dict()
-        torch._foreach_lerp_(self.shadow, [state[k].detach() for k in self.names], self.rate(self.updates))
+        torch._foreach_lerp_([_local(t) for t in self.shadow], [_local(state[k].detach()) for k in self.names],
+                             self.rate(self.updates))
         self.updates += 1
 
+    def full(self) -> dict[str, Tensor]:
+        "The averaged entries by name, whole (collective under FSDP: every process calls it)."
+        return {k: t.full_tensor() if hasattr(t, "full_tensor") else t for k, t in zip(self.names, self.shadow)}
+
     def state_dict(self) -> dict:
-        return {"updates": self.updates, "momentum": self.momentum, "warmup": self.warmup,
-                "shadow": dict(zip(self.names, self.shadow))}
+        return {"updates": self.updates, "momentum": self.momentum, "warmup": self.warmup, "shadow": self.full()}
 
     def load_state_dict(self, state: dict):
         missing = set(self.names) - set(state["shadow"])
         if missing: raise KeyError(f"ModelEMA.load_state_dict: the saved average lacks {sorted(missing)[:5]}")
         self.updates = state["updates"]
-        for t, k in zip(self.shadow, self.names): t.copy_(state["shadow"][k])
+        for t, k in zip(self.shadow, self.names):
+            saved = state["shadow"][k].to(t.device)
+            if hasattr(t, "device_mesh"): saved = distribute_tensor(saved, t.device_mesh, t.placements).to_local()  # our shard
+            _local(t).copy_(saved)
 
     def averaged(self, model: nn.Module) -> dict[str, Tensor]:
         "The model's state dict with the averaged entries (integer buffers as they are)."
@@ -227,6 +235,10 @@ class ModelEMA:
         model.load_state_dict(self.averaged(model))
         try: yield model
         finally: model.load_state_dict(live, strict=False)
+
+def _local(t: Tensor) -> Tensor:
+    "This process's part of a sharded tensor (a DTensor, under FSDP), or the tensor itself."
+    return t.to_local() if hasattr(t, "to_local") else t
 
 def freeze(model: nn.Module, prefixes: Sequence[str]) -> list[str]:
     "Stop gradients for the parameters whose names start with a prefix; returns their names."

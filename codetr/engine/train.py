@@ -71,8 +71,7 @@ class Trainer:
         self.num_workers, self.checkpoint_interval, self.keep_last = num_workers, checkpoint_interval, keep_last
         self.max_bad_steps, self.val_interval, self.progress = max_bad_steps, val_interval, progress
         seed_everything(seed, deterministic)
-        if fsdp and (not is_dist() or cfg.optim.ema_momentum):
-            raise ValueError("Trainer: fsdp=True needs torchrun (a process group) and no weight average (ema_momentum=0)")
+        if fsdp and not is_dist(): raise ValueError("Trainer: fsdp=True needs torchrun (a process group)")
         self.model_factory = model_factory or build_model
         self.model = self.model_factory(cfg).to(self.device)
         self.frozen = freeze(self.model, cfg.optim.frozen)  # before the optimiser: frozen parameters stay out of it
@@ -103,7 +102,7 @@ class Trainer:
 
     def weights(self) -> dict[str, Tensor]:
         "The weights to evaluate and export: the moving average when the recipe keeps one, else the live weights."
-        if is_sharded(self.model): return full_weights(self.model)  # collective
+        if is_sharded(self.model): return {**full_weights(self.model), **(self.ema.full() if self.ema else {})}  # collective
         return self.ema.averaged(self.model) if self.ema else self.model.state_dict()
 
 # %% ../../nbs/engine/73_train.ipynb
@@ -308,7 +307,7 @@ def validate(self: Trainer, write: bool = False, batch_size: int | None = None) 
     model = self.model
     if is_sharded(model):  # an unsharded copy: each process evaluates its share of the images
         model = self.model_factory(self.cfg).to(self.device); model.load_state_dict(self.weights())
-    with self.ema.swapped_in(model) if self.ema else contextlib.nullcontext():
+    with self.ema.swapped_in(model) if self.ema and model is self.model else contextlib.nullcontext():  # the copy holds the average
         metrics, results = evaluate(model, loader, self.val_set, self.device, progress=self.progress)
     if is_main_process():
         append_jsonl(self.log_path, {"mode": "val", "epoch": self.epoch, "step": self.global_step,

@@ -25,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -64,14 +65,6 @@ def worst(got: dict, want: dict) -> tuple[float, float]:
     return float(gap[rows, cols].max()), float((got["boxes"][cols] - want["boxes"][rows]).abs().max())
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter(); fn(); times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def no_attention(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     "A core that costs nearly nothing but still reads its inputs (so no projection is pruned): the bound rows."
     B, S, M, D = value.shape
@@ -79,16 +72,21 @@ def no_attention(value, spatial_shapes, level_start_index, sampling_locations, a
     return zero.expand(B, sampling_locations.shape[1], M * D)  # (B, Q, M*D)
 
 
+@contextmanager
+def attention_core(core=None):
+    "Inside, `core` stands in for `ms_deform_attn_reference` (the attention the exported graph computes); None: itself."
+    import codetr.ops.msda as msda
+    shipped = msda.ms_deform_attn_reference
+    msda.ms_deform_attn_reference = core or shipped
+    try: yield
+    finally: msda.ms_deform_attn_reference = shipped
+
+
 def export_variant(pred, out: Path, core=None) -> Path:
     "Export with `core` in place of `ms_deform_attn_reference` (None: the shipped graph); prints the time and size."
-    import codetr.ops.msda as msda
     from codetr.engine.export import export_model
-    shipped = msda.ms_deform_attn_reference
-    if core is not None: msda.ms_deform_attn_reference = core
-    try:
-        t0 = time.perf_counter()
-        path = export_model(pred, out, "onnx", example_hw=(448, 576))  # neither the parity input nor a photo size
-    finally: msda.ms_deform_attn_reference = shipped
+    t0 = time.perf_counter()  # traced at 448x576: neither the parity input's size nor a photo's
+    with attention_core(core): path = export_model(pred, out, "onnx", example_hw=(448, 576))
     print(f"exported {out.name} in {time.perf_counter() - t0:.0f} s ({path.stat().st_size / 2**20:.0f} MiB)", flush=True)
     return path
 
@@ -118,7 +116,6 @@ def main():
     from codetr.engine.predict import Predictor, identity_class_mapping
     from codetr.data.coco import load_image
     from codetr.ops.msda import MSDeformAttn
-    import codetr.ops.msda as msda
     model, cfg, image = official_r50()
     pred = Predictor(model, cfg, identity_class_mapping(cfg.num_classes))
     out = Path(tempfile.mkdtemp())
@@ -152,11 +149,7 @@ def main():
     def eager(backend, core=None):
         def run(x, s):
             for m in attn: m.backend = backend
-            shipped = msda.ms_deform_attn_reference
-            if core is not None: msda.ms_deform_attn_reference = core
-            try:
-                with torch.no_grad(): graph(x, s)
-            finally: msda.ms_deform_attn_reference = shipped
+            with attention_core(core), torch.no_grad(): graph(x, s)
         return run
     rows = {"PyTorch eager, grid_sample attention": eager("reference"),
             "PyTorch eager, gather CPU attention": eager("cpu"),

@@ -23,6 +23,7 @@ from torch.distributed.tensor import distribute_tensor
 from ..models.config import OptimConfig
 from ..core.dist import get_rank, get_world_size, is_dist, is_main_process
 from ..core.io import atomic_write
+from .sharding import as_full, as_local
 
 # %% auto 0
 __all__ = ['lr_mult_for', 'layer_id', 'param_groups', 'build_optimizer', 'build_scheduler', 'clip_gradients', 'seed_everything',
@@ -204,13 +205,13 @@ class ModelEMA:
     def update(self, model: nn.Module):
         "Move the average towards the model's current state (call after each optimiser step)."
         state = model.state_dict()
-        torch._foreach_lerp_([_local(t) for t in self.shadow], [_local(state[k].detach()) for k in self.names],
+        torch._foreach_lerp_([as_local(t) for t in self.shadow], [as_local(state[k].detach()) for k in self.names],
                              self.rate(self.updates))
         self.updates += 1
 
     def full(self) -> dict[str, Tensor]:
         "The averaged entries by name, whole (collective under FSDP: every process calls it)."
-        return {k: t.full_tensor() if hasattr(t, "full_tensor") else t for k, t in zip(self.names, self.shadow)}
+        return {k: as_full(t) for k, t in zip(self.names, self.shadow)}
 
     def state_dict(self) -> dict:
         return {"updates": self.updates, "momentum": self.momentum, "warmup": self.warmup, "shadow": self.full()}
@@ -222,11 +223,11 @@ class ModelEMA:
         for t, k in zip(self.shadow, self.names):
             saved = state["shadow"][k].to(t.device)
             if hasattr(t, "device_mesh"): saved = distribute_tensor(saved, t.device_mesh, t.placements).to_local()  # our shard
-            _local(t).copy_(saved)
+            as_local(t).copy_(saved)
 
     def averaged(self, model: nn.Module) -> dict[str, Tensor]:
         "The model's state dict with the averaged entries (integer buffers as they are)."
-        return {**model.state_dict(), **dict(zip(self.names, self.shadow))}
+        return {**model.state_dict(), **self.full()}
 
     @contextlib.contextmanager
     def swapped_in(self, model: nn.Module):
@@ -235,10 +236,6 @@ class ModelEMA:
         model.load_state_dict(self.averaged(model))
         try: yield model
         finally: model.load_state_dict(live, strict=False)
-
-def _local(t: Tensor) -> Tensor:
-    "This process's part of a sharded tensor (a DTensor, under FSDP), or the tensor itself."
-    return t.to_local() if hasattr(t, "to_local") else t
 
 def freeze(model: nn.Module, prefixes: Sequence[str]) -> list[str]:
     "Stop gradients for the parameters whose names start with a prefix; returns their names."

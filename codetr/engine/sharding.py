@@ -19,8 +19,8 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from ..core.dist import get_world_size, is_dist
 
 # %% auto 0
-__all__ = ['SHARD_UNITS', 'shard_units', 'shard_model', 'is_sharded', 'average_replicated_grads', 'as_full', 'full_weights',
-           'training_state', 'load_training_state']
+__all__ = ['SHARD_UNITS', 'shard_units', 'shard_model', 'is_sharded', 'average_replicated_grads', 'as_full', 'as_local',
+           'full_weights', 'training_state', 'load_training_state']
 
 # %% ../../nbs/engine/77_sharding.ipynb
 SHARD_UNITS = (r"(^|\.)(encoder|decoder)\.layers\.\d+$", r"(^|\.)blocks\.\d+$", r"^backbone\.layer\d\.\d+$")
@@ -51,6 +51,10 @@ def average_replicated_grads(model: nn.Module):
 def as_full(x: Tensor) -> Tensor:
     "A sharded or replicated tensor (DTensor) as one local tensor; other tensors as they are."
     return x.full_tensor() if hasattr(x, "full_tensor") else x
+
+def as_local(x: Tensor) -> Tensor:
+    "This process's part of a sharded tensor (DTensor), a view that in-place updates write through; others as they are."
+    return x.to_local() if hasattr(x, "to_local") else x
 
 # %% ../../nbs/engine/77_sharding.ipynb
 def full_weights(model: nn.Module) -> dict[str, Tensor]:

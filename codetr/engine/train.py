@@ -102,8 +102,8 @@ class Trainer:
 
     def weights(self) -> dict[str, Tensor]:
         "The weights to evaluate and export: the moving average when the recipe keeps one, else the live weights."
-        if is_sharded(self.model): return {**full_weights(self.model), **(self.ema.full() if self.ema else {})}  # collective
-        return self.ema.averaged(self.model) if self.ema else self.model.state_dict()
+        state = full_weights(self.model) if is_sharded(self.model) else self.model.state_dict()  # collective under FSDP
+        return {**state, **self.ema.full()} if self.ema else state
 
 # %% ../../nbs/engine/73_train.ipynb
 @patch
